@@ -1,0 +1,1 @@
+"""Data: the normalised record format, importers, validation and pair construction."""

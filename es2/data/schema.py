@@ -1,0 +1,67 @@
+"""The normalised prompt record and how to read it strictly.
+
+Every data file the pipeline reads is JSONL with one record per line:
+  required: id (str), prompt (str), label ("harmful" | "harmless"), source (str)
+  optional: category (str), target (affirmative prefix, e.g. "Sure, here is"), response (str)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from es2.errors import DataError
+
+LABELS = ("harmful", "harmless")
+REQUIRED_FIELDS = ("id", "prompt", "label", "source")
+OPTIONAL_FIELDS = ("category", "target", "response")
+ALL_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
+
+
+def read_bytes_as_utf8(path: str | Path) -> str:
+    """Return the file's text, or fail naming the first byte offset that is not UTF-8."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found", "check the path (data files come from `dvc pull`)")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: invalid UTF-8 at byte {exc.start} (line {line}): {raw[exc.start:exc.start + 8]!r}",
+            "re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 IN > OUT`",
+        ) from exc
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file of objects. Blank lines are skipped; anything else malformed fails with its line."""
+    text = read_bytes_as_utf8(path)
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})", "one JSON object per line") from exc
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}",
+                            "one JSON object per line")
+        rows.append(obj)
+    if not rows:
+        raise DataError(f"{path}: file is empty", "add records, or point params at the right file")
+    return rows
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Read normalised records, checking the required columns exist (values are checked by validation)."""
+    rows = read_jsonl(path)
+    for lineno, row in enumerate(rows, start=1):
+        missing = [f for f in REQUIRED_FIELDS if f not in row]
+        if missing:
+            raise DataError(
+                f"{path}: record {lineno} lacks required column(s) {missing}; it has {sorted(row)}",
+                f"every record needs {list(REQUIRED_FIELDS)}; convert other formats with `es2 data import`",
+            )
+    return rows

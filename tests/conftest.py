@@ -1,0 +1,40 @@
+"""Shared test setup: offline environment, paths to the optional shared datasets, small record fixtures."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Offline and quiet before any library import reads them. Tests never touch the network or the user's home.
+_TMP = Path(tempfile.mkdtemp(prefix="es2-tests-"))
+for key, value in {
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1", "GX_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}.items():
+    os.environ.setdefault(key, value)
+os.environ.setdefault("ES2_CACHE", str(_TMP / "cache"))
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture
+def shared_datasets() -> Path:
+    """The development datasets beside the checkout; tests needing them skip when absent (e.g. in a bare CI)."""
+    if not SHARED_DATASETS.is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED_DATASETS} (only present on the development machine)")
+    return SHARED_DATASETS
+
+
+def make_records(label: str, n: int, stem: str) -> list[dict]:
+    """n distinct, valid records of one label, with prompts that share no word 3-grams across stems."""
+    return [
+        {"id": f"{stem}-{i}", "prompt": f"{stem} request number {i}: please {stem} item {i * 7919 % 1000}",
+         "label": label, "source": "fixture", "category": stem}
+        for i in range(n)
+    ]
