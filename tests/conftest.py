@@ -38,3 +38,11 @@ def make_records(label: str, n: int, stem: str) -> list[dict]:
          "label": label, "source": "fixture", "category": stem}
         for i in range(n)
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved 2-layer random Llama with a chat-template tokenizer (no download)."""
+    from tests.tiny_model import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")

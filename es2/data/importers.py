@@ -1,0 +1,218 @@
+"""Convert public benchmark files into normalised records (see es2.data.schema).
+
+`es2 data import FORMAT INPUT --label LABEL --output OUT.jsonl` is `import_records` then `write_records`.
+A format is a file kind (CSV or JSON) plus a default map from record field to input column. `columns`
+overrides that map, so an unusual export of a known benchmark, or any other table, imports without code.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from es2.data.schema import LABELS, read_bytes_as_utf8
+from es2.errors import DataError
+from es2.io import write_jsonl
+
+# Fields a column can feed. `context` goes before the prompt and `input` after it, each separated by a blank
+# line: that is how HarmBench (ContextString) and Alpaca (input) present them to a model.
+MAPPABLE_FIELDS = ("id", "prompt", "label", "category", "target", "response", "context", "input")
+
+# XSTest says safe/unsafe for the same two classes; case and surrounding spaces vary between exports.
+LABEL_ALIASES = {"harmful": "harmful", "harmless": "harmless", "unsafe": "harmful", "safe": "harmless"}
+
+# Generic files use the normalised names, so a file already in the record format re-imports as is.
+_GENERIC = {field: field for field in ("id", "prompt", "label", "category", "target", "response")}
+
+# format -> (file kind, field -> column, label when the file has no label column). Only AdvBench and
+# HarmBench hold nothing but harmful requests. JailbreakBench ships a benign split with the same columns,
+# and Alpaca-style files exist for both classes, so those need an explicit label.
+_SPECS = {
+    "advbench": ("csv", {"prompt": "goal", "target": "target"}, "harmful"),
+    "harmbench": ("csv", {"id": "BehaviorID", "prompt": "Behavior", "category": "SemanticCategory",
+                          "context": "ContextString"}, "harmful"),
+    "jailbreakbench": ("csv", {"id": "Index", "prompt": "Goal", "target": "Target", "category": "Category"},
+                       None),
+    "xstest": ("csv", {"id": "id", "prompt": "prompt", "category": "type", "label": "label"}, None),
+    "alpaca": ("json", {"prompt": "instruction", "input": "input", "response": "output",
+                        "category": "category"}, None),
+    "jsonl": ("json", _GENERIC, None),
+    "csv": ("csv", _GENERIC, None),
+}
+FORMATS = tuple(_SPECS)
+
+
+def import_records(fmt: str, path, label: str | None, columns: dict[str, str] | None = None,
+                   source: str | None = None) -> list[dict]:
+    """Read `path` as `fmt` and return normalised records; any problem raises DataError naming the fix.
+
+    `label` applies to every row and is required unless the file has a label column. `columns` maps
+    field -> input column and overrides the format's defaults. `source` defaults to the format name.
+    """
+    if fmt not in _SPECS:
+        raise DataError(f"unknown import format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
+    columns = columns or {}
+    unknown = sorted(set(columns) - set(MAPPABLE_FIELDS))
+    if unknown:
+        raise DataError(f"--columns names unknown field(s) {unknown}",
+                        f"map any of: {', '.join(MAPPABLE_FIELDS)}")
+    if label is not None and label.strip().lower() not in LABEL_ALIASES:
+        raise DataError(f"--label {label!r} is not a label", f"use one of: {', '.join(LABELS)}")
+    kind, defaults, default_label = _SPECS[fmt]
+    path = Path(path)
+    source = source or fmt
+
+    found, rows = _read_csv(path) if kind == "csv" else _read_json(path)
+    if not rows:
+        raise DataError(f"{path}: no data rows (only a header or an empty list)",
+                        "point at the file that holds the records")
+    mapping = _resolve_columns(path, found, {**defaults, **columns}, explicit=set(columns))
+
+    # One source of labels only: silently letting --label override a file's own labels (or the reverse)
+    # would mislabel rows, e.g. all 450 XSTest prompts as one class.
+    if "label" in mapping and label is not None:
+        raise DataError(f"{path}: the file has its own labels (column {mapping['label']!r}) and --label "
+                        f"{label} was also given", "drop --label to keep the file's labels")
+    if "label" not in mapping and label is None and default_label is None:
+        raise DataError(f"{path}: no labels: the file has no label column and no --label was given",
+                        "pass --label harmful or --label harmless (every row gets it), "
+                        "or name the file's label column with --columns label=COL")
+    fixed_label = LABEL_ALIASES[label.strip().lower()] if label is not None else default_label
+
+    records = []
+    for index, (where, row) in enumerate(rows):
+        cell = {field: _text(path, where, row, column) for field, column in mapping.items()}
+        if not cell["prompt"]:
+            raise DataError(f"{path}: {where} has an empty prompt (column {mapping['prompt']!r})",
+                            "fill in or delete that row")
+        parts = (cell.get("context"), cell["prompt"], cell.get("input"))
+        record = {
+            "id": _record_id(source, cell.get("id"), index),
+            "prompt": "\n\n".join(part for part in parts if part),
+            "label": _row_label(path, where, cell["label"]) if "label" in mapping else fixed_label,
+            "source": source,
+        }
+        # Optional fields are left out rather than written empty (Alpaca's category is always null).
+        record.update({field: cell[field] for field in ("category", "target", "response") if cell.get(field)})
+        records.append(record)
+    return records
+
+
+def parse_column_mapping(spec: str) -> dict[str, str]:
+    """Parse the --columns option, e.g. "prompt=question,category=topic", into {field: column}."""
+    mapping = {}
+    for item in spec.split(","):
+        field, equals, column = (part.strip() for part in item.partition("="))
+        if not (equals and field and column):
+            raise DataError(f"--columns {spec!r}: {item.strip()!r} is not FIELD=COLUMN",
+                            "write e.g. --columns prompt=question,category=topic")
+        if field in mapping:
+            raise DataError(f"--columns {spec!r}: field {field!r} is mapped twice", "map each field once")
+        mapping[field] = column
+    return mapping
+
+
+def write_records(records: list[dict], output) -> int:
+    """Write records as JSONL atomically (an existing file is replaced only on success); return the count."""
+    return write_jsonl(output, records)
+
+
+def _read_text(path: Path) -> str:
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a file", "point at the data file inside it")
+    text = read_bytes_as_utf8(path).removeprefix("\ufeff")  # Excel and some exporters prepend a BOM
+    if not text.strip():
+        raise DataError(f"{path}: file is empty", "point at the file that holds the records")
+    return text
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    """Return the header and (place, row) pairs; a place such as "row 3 (line 4)" locates errors."""
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    rows = []
+    try:
+        header = [name.strip() for name in next(reader)]
+        for fields in reader:
+            if not any(field.strip() for field in fields):
+                continue
+            # More values than headers usually means an unquoted comma split a prompt in two.
+            if any(field.strip() for field in fields[len(header):]):
+                raise DataError(f"{path}: line {reader.line_num} has {len(fields)} values but the header "
+                                f"has {len(header)} columns", "quote values that contain commas")
+            rows.append((f"row {len(rows) + 1} (line {reader.line_num})", dict(zip(header, fields))))
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({exc})",
+                        "save the file as standard comma-separated CSV") from exc
+    return header, rows
+
+
+def _read_json(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    """Read a JSON array of objects (Alpaca's own format) or JSON Lines; return columns and (place, row)."""
+    text = _read_text(path)
+    try:
+        parsed = json.loads(text)
+        items = parsed if isinstance(parsed, list) else [parsed]
+        places = [f"record {n}" for n in range(1, len(items) + 1)]
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("["):
+            raise DataError(f"{path}: line {exc.lineno} is not valid JSON ({exc.msg})",
+                            "fix the JSON array, or write one object per line (JSONL)") from exc
+        items, places = [], []
+        # Split on "\n" only: str.splitlines would also split inside strings holding U+2028 and similar.
+        for lineno, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as line_exc:
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({line_exc.msg})",
+                                "write one JSON object per line, or a single JSON array") from line_exc
+            places.append(f"line {lineno}")
+    for place, item in zip(places, items):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: {place} is a JSON {type(item).__name__}, not an object",
+                            "each record must be an object such as {\"prompt\": \"...\"}")
+    found = list(dict.fromkeys(key for item in items for key in item))
+    return found, list(zip(places, items))
+
+
+def _resolve_columns(path: Path, found: list[str], wanted: dict[str, str], explicit: set[str]) -> dict:
+    """Map each field to a column the file really has. Default columns that are absent are optional,
+    except the prompt; a column the user named must exist."""
+    mapping = {}
+    for field, column in wanted.items():
+        # Exact name first, then ignoring case: exports differ (AdvBench "goal" vs "Goal").
+        match = next((c for c in found if c == column), None) or next(
+            (c for c in found if c.casefold() == column.casefold()), None)
+        if match is not None:
+            mapping[field] = match
+        elif field == "prompt" or field in explicit:
+            raise DataError(f"{path}: no column {column!r} for the {field}; columns found: {found}",
+                            f"name the {field} column with --columns {field}=COL")
+    return mapping
+
+
+def _text(path: Path, where: str, row: dict, column: str) -> str:
+    """The stripped text of one cell; missing and null cells are empty."""
+    value = row.get(column)
+    if isinstance(value, (dict, list)):
+        raise DataError(f"{path}: {where} column {column!r} holds a JSON {type(value).__name__}, not text",
+                        "map a column that holds plain text")
+    return "" if value is None else str(value).strip()
+
+
+def _record_id(source: str, value: str | None, index: int) -> str:
+    # Ids are prefixed with the source so that files merged from several benchmarks stay unique
+    # (XSTest and JailbreakBench both number from 1); an id already carrying the prefix is kept.
+    if not value:
+        return f"{source}-{index:05d}"
+    return value if value.startswith(f"{source}-") else f"{source}-{value}"
+
+
+def _row_label(path: Path, where: str, value: str) -> str:
+    if value.lower() not in LABEL_ALIASES:
+        raise DataError(f"{path}: {where} has label {value!r}, not one of {list(LABELS)}",
+                        "use harmful or harmless (safe and unsafe are read as harmless and harmful)")
+    return LABEL_ALIASES[value.lower()]
