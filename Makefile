@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 install: $(VENV)/.installed
 
 data: install            ## fetch the sample data from the DVC remote shipped in the repo (offline)
-	dvc pull --quiet
+	dvc pull --quiet data.dvc
 
 model: install           ## dequantize the embedded model into the cache (~20 s, once)
 	es2 model prepare

@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("input", type=Path)
     imp.add_argument("--label", choices=["harmful", "harmless"], help="label for formats without one")
     imp.add_argument("--output", type=Path, required=True)
-    imp.add_argument("--columns", default="", help="field=column mapping, e.g. prompt=question,category=topic")
+    imp.add_argument("--columns", help="field=column mapping, e.g. prompt=question,category=topic")
     imp.add_argument("--source", help="value of the source field (default: the format name)")
 
     val = add(sub, "validate", "validate", "check data quality with a Great Expectations suite")
@@ -71,7 +71,8 @@ def _run(args) -> int:
     if args.command == "data":
         from es2.data.importers import import_records, parse_column_mapping, write_records
 
-        records = import_records(args.format, args.input, args.label, parse_column_mapping(args.columns),
+        columns = parse_column_mapping(args.columns) if args.columns else None
+        records = import_records(args.format, args.input, args.label, columns,
                                  args.source)
         write_records(records, args.output)
         print(f"wrote {len(records)} records to {args.output}")

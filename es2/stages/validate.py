@@ -1,0 +1,21 @@
+"""The `validate` stage: the data quality suite over the files named in params (or given on the command line)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from es2.config import Params
+from es2.data.validation import ValidationReport, validate_datasets
+
+
+def run_validate(params: Params, out_dir: str | Path = "artifacts/validation", harmful: Path | None = None,
+                 harmless: Path | None = None) -> ValidationReport:
+    """Validate training files against each other and against the evaluation files (leakage).
+
+    With --harmful/--harmless the user validates new files before adopting them; they are still checked for
+    leakage into the configured evaluation files when those exist.
+    """
+    data = params.data
+    eval_files = [Path(p) for p in (data.eval_harmful, data.eval_harmless) if Path(p).exists()]
+    return validate_datasets(harmful or data.train_harmful, harmless or data.train_harmless, eval_files,
+                             params.validate_, Path(out_dir).resolve())

@@ -1,0 +1,66 @@
+"""The real DVC pipeline in a throwaway git repo: data comes from the DVC remote shipped in the repo."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+TRACKED = ["dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", "dvc-store", "es2"]
+
+
+def _sh(*cmd, cwd, check=True):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("project")
+    for rel in TRACKED:
+        src, dst = REPO / rel, root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    (root / ".dvc/.gitignore").write_text("/config.local\n/tmp\n/cache\n")
+    _sh("git", "init", "-q", cwd=root)
+    _sh("git", "add", "-A", cwd=root)
+    _sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=root)
+    _sh("dvc", "pull", "-q", "data.dvc", cwd=root)
+    return root
+
+
+def test_repro_runs_validate_then_pairs_from_pulled_data(project):
+    assert (project / "data/train/harmful.jsonl").exists()
+    _sh("dvc", "repro", cwd=project)
+    report = json.loads((project / "artifacts/validation/report.json").read_text())
+    assert report["success"] is True
+    stats = json.loads((project / "artifacts/pairs/stats.json").read_text())
+    assert stats["splits"]["train"]["pairs"] > 0
+    assert "Data and pipelines are up to date" in _sh("dvc", "repro", cwd=project).stdout
+    metrics = _sh("dvc", "metrics", "show", "--json", cwd=project).stdout
+    assert "splits" in metrics
+
+
+def test_failed_validation_stops_dvc_and_keeps_later_artifacts(project):
+    _sh("dvc", "repro", cwd=project)
+    pairs_before = (project / "artifacts/pairs/train.jsonl").read_bytes()
+    harmful = project / "data/train/harmful.jsonl"
+    good = harmful.read_bytes()
+    try:
+        harmful.write_bytes(good + b'{"id": "bad", "prompt": "   ", "label": "harmful", "source": "t"}\n')
+        done = _sh("dvc", "repro", cwd=project, check=False)
+        assert done.returncode != 0
+        assert "validate" in done.stderr + done.stdout
+        assert (project / "artifacts/pairs/train.jsonl").read_bytes() == pairs_before
+        report = json.loads((project / "artifacts/validation/report.json").read_text())
+        assert report["success"] is False
+    finally:
+        harmful.write_bytes(good)
