@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FIXTURES
+from tests.conftest import FIXTURES
 
 from es2.data.importers import FORMATS, import_records, parse_column_mapping, write_records
 from es2.data.schema import read_records
