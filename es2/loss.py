@@ -1,42 +1,43 @@
-"""The ES2 loss: push harmful representations away from harmless ones, keep harmless logits near the reference.
+"""The ES2 loss: push harmful representations away from harmless ones, keep harmless logits near the
+reference.
 
-Pure tensor code: no model, no I/O. The trainer runs the forward passes (current model, and the reference with the
-LoRA adapter disabled) and hands in pooled hidden states and logits; this module turns them into one scalar and the
-named intermediates that get logged. Spec: METHOD.md §7a (options) and §1.4 (reconstruction).
+Pure tensor code: no model, no I/O. The trainer runs the forward passes (current model, and the reference
+with the LoRA adapter disabled) and hands in pooled hidden states and logits; this module turns them into one
+scalar and the named intermediates that get logged. Spec: METHOD.md §7a (options) and §1.4 (reconstruction).
 
 Hidden-state index convention
     Layer ``l`` is ``outputs.hidden_states[l]`` of an HF causal LM called with ``output_hidden_states=True``:
-    ``0`` is the embedding output and ``l >= 1`` the output of decoder block ``l - 1`` (blocks counted from 0). The
-    last entry (``l = num_hidden_layers``) is taken *after* the final norm in HF Llama/Qwen2, so its scale is not
-    comparable with the other layers (on SmolLM2 its norm is ~53 against ~640 just before). SCAV's code mixes these
-    indices with decoder-block hooks; everything here uses ``hidden_states`` indices.
+    ``0`` is the embedding output and ``l >= 1`` the output of decoder block ``l - 1`` (blocks counted from
+    0). The last entry (``l = num_hidden_layers``) is taken *after* the final norm in HF Llama/Qwen2, so its
+    scale is not comparable with the other layers (on SmolLM2 its norm is ~53 against ~640 just before).
+    SCAV's code mixes these indices with decoder-block hooks; everything here uses ``hidden_states`` indices.
 
 Notation (one layer)
     H in R^{n x D}: harmful representations, S in R^{m x D}: harmless ones; mu_H, mu_S their means;
-    tr Sigma_H = (1/n) sum_i ||h_i - mu_H||^2 (population covariance trace, so n = 1 is allowed), same for S.
+    tr Sigma_H = (1/n) sum_i ||h_i - mu_H||^2 (population covariance trace, so n = 1 is allowed); same for S.
 
 Representations
     pool "last"  hidden state at the last position whose attention_mask is 1 (left or right padding).
-    pool "mean"  mean over the positions where attention_mask and span_mask (e.g. the user message) are both 1.
+    pool "mean"  mean over the positions where attention_mask and span_mask (e.g. the user message) are 1.
     normalize    none: r | center: r - c | unit: (r - c) / ||r - c|| | standardize: (r - c) / s, elementwise,
                  with c, s the per-dimension mean and std of the *reference* model's representations of a
                  calibration set of both classes, fixed before training (``calibrate``).
 
 Distances D(H, S)
-    centroid      ||mu_H - mu_S|| / sqrt((tr Sigma_H + tr Sigma_S) / 2 + eps)      (default; d'-like)
+    centroid      ||mu_H - mu_S|| / sqrt((tr Sigma_H + tr Sigma_S) / 2 + eps)     (default; d'-like)
     fisher        ||mu_H - mu_S||^2 / (tr Sigma_H + tr Sigma_S + eps)
     pairwise      mean over pairs (i, j) of ||h_i - s_j||: the given pairs, or all n * m of them
-    nearest       mean_i min_j ||h_i - s_j||                  (distance to the closest harmless point)
+    nearest       mean_i min_j ||h_i - s_j||                (distance to the closest harmless point)
     probe_margin  mean_i u.h_i - mean_j u.s_j, u a fixed unit direction from the reference model
-    Only centroid and fisher are invariant to r -> a * r (and to shifts). With the others a model can raise D by
-    just inflating the residual-stream norm, which the downstream RMSNorm hides from the logits, so the KL term
-    barely resists; use them with normalize="unit", and watch ``per_layer_norm``.
+    Only centroid and fisher are invariant to r -> a * r (and to shifts). With the others a model can raise D
+    by just inflating the residual-stream norm, which the downstream RMSNorm hides from the logits, so the KL
+    term barely resists; use them with normalize="unit", and watch ``per_layer_norm``.
 
 Forms S(D), minimised
     neg        -D                         (literal "maximise the distance"; unbounded)
     hinge      relu(margin - D)           (absolute margin)
-    rel_hinge  relu(ratio * D_ref - D)    (D_ref: the same distance on the reference model's representations of
-                                           the same batch, no gradient; zero once D >= ratio * D_ref)
+    rel_hinge  relu(ratio * D_ref - D)    (D_ref: the same distance on the reference model's representations
+                                           of the same batch, no gradient; zero once D >= ratio * D_ref)
     separation = sum_l w_l S(D_l) / sum_l w_l
 
 KL on harmless inputs (positions M chosen by the trainer: prompt, response or all; token mean)
@@ -48,24 +49,27 @@ Total
 
 Distributed invariance (N processes, each holding a shard of the batch)
     Every term is computed on the *global* batch, identically on every rank:
-    - batch statistics (all distances) run on representations concatenated over ranks by ``gather_with_grad``, a
-      differentiable all_gather (``pairwise`` with given pairs gathers the per-pair distances instead);
-    - token means (KL, refusal CE) all-reduce their (sum, count) with a differentiable all_reduce on the sum.
+    - batch statistics (all distances) run on representations concatenated over ranks by
+      ``gather_with_grad``, a differentiable all_gather (``pairwise`` with given pairs gathers the per-pair
+      distances instead);
+    - token means (KL, refusal CE) all-reduce their (sum, count), with a differentiable all_reduce on the sum.
     So ``loss`` is, on every rank, the 1-process loss of the concatenated batch. Gradients: the backward of a
-    differentiable collective sums over ranks the gradients of the N identical per-rank losses, so a rank's local
-    inputs receive N times their true gradient; DDP (also accelerate, FSDP) *averages* parameter gradients over the
-    N ranks, which divides the N out again. The result equals the 1-process gradient exactly, so do not rescale
-    by the world size, and do not pair this with a reducer that sums gradients. ``tests/test_loss.py`` checks it
-    with 2 gloo processes. Each call issues the same collectives in the same order on every rank, so every rank
-    must call with the same layers and the same optional terms; per-rank batch sizes may differ.
+    differentiable collective sums over ranks the gradients of the N identical per-rank losses, so a rank's
+    local inputs receive N times their true gradient; DDP (also accelerate, FSDP) *averages* parameter
+    gradients over the N ranks, which divides the N out again. The result equals the 1-process gradient
+    exactly, so do not rescale by the world size, and do not pair this with a reducer that sums gradients.
+    ``tests/test_loss.py`` checks it with 2 gloo processes. Each call issues the same collectives in the same
+    order on every rank, so every rank must call with the same layers and the same optional terms; per-rank
+    batch sizes may differ.
 
 Gradient accumulation
-    Batch statistics are not additive: the mean of the losses of k micro-batches is not the loss of the k-times
-    larger batch (the exceptions are probe_margin and pairwise-with-pairs, and only for equal-sized micro-batches).
-    For exact invariance the trainer must see the whole batch, e.g. in the GradCache way: pool the representations
-    of every micro-batch without a graph, call this loss once on all of them (as leaves with requires_grad), then
-    re-run each micro-batch and backpropagate ``reps.backward(reps_leaf.grad)``. For token means, use
-    ``kl_divergence(..., reduction="sum")`` / ``causal_lm_loss(..., reduction="sum")`` and divide by the total count.
+    Batch statistics are not additive: the mean of the losses of k micro-batches is not the loss of the
+    k-times larger batch (the exceptions are probe_margin and pairwise-with-pairs, and only for equal-sized
+    micro-batches). For exact invariance the trainer must see the whole batch, e.g. in the GradCache way: pool
+    the representations of every micro-batch without a graph, call this loss once on all of them (as leaves
+    with requires_grad), then re-run each micro-batch and backpropagate ``reps.backward(reps_leaf.grad)``.
+    For token means, use ``kl_divergence(..., reduction="sum")`` / ``causal_lm_loss(..., reduction="sum")``
+    and divide by the total count.
 """
 
 from __future__ import annotations
@@ -98,11 +102,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _upcast(t: Tensor) -> Tensor:
-    """Half-precision tensors to float32 (distances and log-softmax are imprecise in bf16); others unchanged."""
+    """Half precision to float32 (distances and log-softmax are imprecise in bf16); other dtypes unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Distributed helpers
 
 
@@ -115,8 +119,8 @@ def gather_with_grad(t: Tensor) -> Tensor:
     """Concatenate ``t`` over all ranks along dim 0, keeping the autograd graph; the identity on one process.
 
     Ranks may hold different numbers of rows: they are padded to the largest for the collective and trimmed
-    after. In backward, each rank's rows receive the sum over ranks of the gradients flowing into them (see the
-    module docstring for why DDP's averaging then gives the exact 1-process gradient).
+    after. In backward, each rank's rows receive the sum over ranks of the gradients flowing into them (see
+    the module docstring for why DDP's averaging then gives the exact 1-process gradient).
     """
     n_ranks = world_size()
     if n_ranks == 1:
@@ -149,7 +153,7 @@ def all_reduce_with_grad(t: Tensor) -> Tensor:
 
 
 def global_token_mean(total: Tensor, count: Tensor) -> Tensor:
-    """``sum over ranks of total / sum over ranks of count`` (0 when there are no tokens), differentiable in total."""
+    """``(sum over ranks of total) / (sum over ranks of count)``, 0 without tokens; grad flows to total."""
     if world_size() > 1:
         total = all_reduce_with_grad(total)
         count = count.detach().clone()
@@ -166,11 +170,12 @@ def _global_mean_detached(values: Tensor) -> Tensor:
     return (stats[0] / stats[1].clamp_min(1)).to(values.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Representations
 
 
-def pool(hidden: Tensor, attention_mask: Tensor, how: Pooling = "last", span_mask: Tensor | None = None) -> Tensor:
+def pool(hidden: Tensor, attention_mask: Tensor, how: Pooling = "last",
+         span_mask: Tensor | None = None) -> Tensor:
     """One vector per sequence from a layer's hidden states.
 
     Args:
@@ -236,7 +241,7 @@ def normalize(reps: Tensor, how: Normalization = "none", center: Tensor | None =
 
 
 class LayerCalibration(NamedTuple):
-    """Fixed per-layer statistics of the reference model on a calibration set, computed once before training."""
+    """Fixed per-layer statistics of the reference model on a calibration set, computed before training."""
 
     center: Tensor  # [D] mean over both classes
     scale: Tensor  # [D] standard deviation over both classes (floored at eps)
@@ -248,8 +253,8 @@ def calibrate(ref_harmful: Tensor, ref_harmless: Tensor, how: Normalization = "c
               eps: float = 1e-6) -> LayerCalibration:
     """Centre, scale and probe direction of one layer from the reference model's pooled representations.
 
-    ``direction`` = unit(mean(normalize(H)) - mean(normalize(S))), the difference-of-means probe, computed after the
-    normalisation ``how`` so that ``probe_margin`` measures along it in the space the loss uses.
+    ``direction`` = unit(mean(normalize(H)) - mean(normalize(S))), the difference-of-means probe, computed
+    after the normalisation ``how`` so that ``probe_margin`` measures along it in the space the loss uses.
     """
     harmful, harmless = _upcast(ref_harmful), _upcast(ref_harmless)
     both = torch.cat([harmful, harmless])
@@ -259,7 +264,7 @@ def calibrate(ref_harmful: Tensor, ref_harmless: Tensor, how: Normalization = "c
     return LayerCalibration(center, scale, diff / diff.norm().clamp_min(eps))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Distances between the harmful set H [n, D] and the harmless set S [m, D]; all gather over ranks first.
 
 
@@ -291,7 +296,7 @@ def fisher_ratio(harmful: Tensor, harmless: Tensor, eps: float = 1e-8) -> Tensor
 
 
 def pairwise_distance(harmful: Tensor, harmless: Tensor, pairs: Tensor | None = None) -> Tensor:
-    """Mean ``||h_i - s_j||`` over ``pairs`` (``[P, 2]`` rows of local (harmful, harmless) indices) or all pairs.
+    """Mean ``||h_i - s_j||`` over ``pairs`` (``[P, 2]`` local (harmful, harmless) indices) or all pairs.
 
     With ``pairs`` each rank computes its own pairs' distances (indices refer to its shard) and the mean runs
     over all ranks' pairs; without, all pairs of the gathered sets.
@@ -366,7 +371,7 @@ def separation_form(d: Tensor, how: Form = "rel_hinge", *, d_ref: Tensor | None 
     return F.relu(ratio * d_ref.detach() - d)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Token-level terms
 
 
@@ -376,8 +381,8 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None
     """Temperature-scaled KL between the current and the reference next-token distributions, per position.
 
     ``tau^2 * KL(p_ref || p_theta)`` (forward) or ``tau^2 * KL(p_theta || p_ref)`` (reverse) with
-    ``p = softmax(z / tau)``, computed from log_softmax; ``ref_logits`` are detached. The ``tau^2`` keeps gradient
-    magnitudes comparable across temperatures (Hinton et al.; CRL uses tau = 2).
+    ``p = softmax(z / tau)``, computed from log_softmax; ``ref_logits`` are detached. The ``tau^2`` keeps
+    gradient magnitudes comparable across temperatures (Hinton et al.; CRL uses tau = 2).
 
     Args:
         logits: ``[..., V]`` current logits (finite).
@@ -385,8 +390,8 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None
         mask: ``[...]`` positions that count (1) and that do not (0, e.g. padding); None = all.
         direction: ``forward`` | ``reverse``.
         temperature: tau > 0.
-        reduction: ``mean``: token mean over the mask of this call (0 if empty); ``sum``: ``(sum, count)`` so a
-            caller can combine several calls or ranks into one token mean (``global_token_mean`` does the ranks).
+        reduction: ``mean``: token mean over the mask of this call (0 if empty); ``sum``: ``(sum, count)``
+            so a caller can combine calls or ranks into one token mean (``global_token_mean`` does ranks).
     """
     _check_choice("kl_direction", direction, KL_DIRECTIONS)
     _check_choice("reduction", reduction, ("mean", "sum"))
@@ -434,7 +439,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100,
     return total / count.clamp_min(1)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The full loss
 
 
@@ -473,8 +478,8 @@ class ES2Loss(nn.Module):
                  margin_ratio: float = 2.0, normalize: Normalization = "center",
                  calibration: Mapping[int, LayerCalibration] | None = None,
                  layer_weights: Mapping[int, float] | None = None, kl_weight: float = 1.0,
-                 kl_direction: KLDirection = "forward", kl_temperature: float = 1.0, refusal_weight: float = 0.0,
-                 eps: float = 1e-8):
+                 kl_direction: KLDirection = "forward", kl_temperature: float = 1.0,
+                 refusal_weight: float = 0.0, eps: float = 1e-8):
         super().__init__()
         _check_choice("distance", distance, DISTANCES)
         _check_choice("form", form, FORMS)
@@ -504,8 +509,9 @@ class ES2Loss(nn.Module):
         return distance(harmful, harmless, self.distance, pairs=pairs, direction=direction, eps=self.eps)
 
     def forward(self, harmful: Mapping[int, Tensor], harmless: Mapping[int, Tensor],
-                ref_harmful: Mapping[int, Tensor] | None = None, ref_harmless: Mapping[int, Tensor] | None = None,
-                *, logits: Tensor | None = None, ref_logits: Tensor | None = None, kl_mask: Tensor | None = None,
+                ref_harmful: Mapping[int, Tensor] | None = None,
+                ref_harmless: Mapping[int, Tensor] | None = None, *, logits: Tensor | None = None,
+                ref_logits: Tensor | None = None, kl_mask: Tensor | None = None,
                 refusal_logits: Tensor | None = None, refusal_labels: Tensor | None = None,
                 pairs: Tensor | None = None) -> ES2LossOutput:
         """Compute the loss on this rank's shard of the batch (global statistics when distributed).
@@ -565,7 +571,7 @@ class ES2Loss(nn.Module):
             kl = global_token_mean(*kl_divergence(logits, ref_logits, kl_mask, self.kl_direction,
                                                   self.kl_temperature, reduction="sum"))
         elif self.kl_weight > 0:
-            raise ValueError("kl_weight > 0 needs logits and ref_logits on harmless inputs (or set kl_weight 0)")
+            raise ValueError("kl_weight > 0 needs logits and ref_logits on harmless inputs (or kl_weight 0)")
         refusal = zero
         if refusal_logits is not None:
             if refusal_labels is None:
@@ -575,5 +581,5 @@ class ES2Loss(nn.Module):
             raise ValueError("refusal_weight > 0 needs refusal_logits and refusal_labels")
 
         loss = separation + self.kl_weight * kl + self.refusal_weight * refusal
-        return ES2LossOutput(loss, separation.detach(), kl.detach(), refusal.detach(), distances, ref_distances,
-                             norms)
+        return ES2LossOutput(loss, separation.detach(), kl.detach(), refusal.detach(), distances,
+                             ref_distances, norms)
