@@ -39,6 +39,8 @@ Forms S(D), minimised
     rel_hinge  relu(ratio * D_ref - D)    (D_ref: the same distance on the reference model's representations
                                            of the same batch, no gradient; zero once D >= ratio * D_ref)
     separation = sum_l w_l S(D_l) / sum_l w_l
+    pairwise with given pairs applies the form to each pair, mean_i S(||h_i - s_pair(i)||), so every pair clears
+    its own margin and the term is a mean of per-pair values (additive over micro-batches).
 
 KL on harmless inputs (positions M chosen by the trainer: prompt, response or all; token mean)
     KL = tau^2 / |M| * sum_{t in M} KL_dir(t),  p = softmax(z_ref / tau), q = softmax(z_theta / tau)
@@ -88,12 +90,14 @@ Normalization = Literal["none", "center", "unit", "standardize"]
 Distance = Literal["centroid", "pairwise", "nearest", "probe_margin", "fisher"]
 Form = Literal["neg", "hinge", "rel_hinge"]
 KLDirection = Literal["forward", "reverse"]
+Reduction = Literal["mean", "sum", "sequence"]
 
 POOLINGS = ("last", "mean")
 NORMALIZATIONS = ("none", "center", "unit", "standardize")
 DISTANCES = ("centroid", "pairwise", "nearest", "probe_margin", "fisher")
 FORMS = ("neg", "hinge", "rel_hinge")
 KL_DIRECTIONS = ("forward", "reverse")
+REDUCTIONS = ("mean", "sum", "sequence")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -375,9 +379,29 @@ def separation_form(d: Tensor, how: Form = "rel_hinge", *, d_ref: Tensor | None 
 # Token-level terms
 
 
+def _reduce(per_token: Tensor, mask: Tensor, reduction: str) -> Tensor | tuple[Tensor, Tensor]:
+    """Reduce ``[B, T]`` per-token values over ``mask`` (bool ``[B, T]``).
+
+    mean: token mean (0 without tokens); sum: ``(sum, token count)``; sequence: ``(sum over sequences of each
+    one's token mean, number of sequences with a token)``. The sequence form is a mean of per-example values, so
+    it is additive over equal-sized micro-batches (exact gradient accumulation) and over equal shards.
+    """
+    per_token = per_token.masked_fill(~mask, 0.0)
+    if reduction == "sequence":
+        counts = mask.sum(dim=-1).to(per_token.dtype)
+        has_any = counts > 0
+        means = per_token.sum(dim=-1)[has_any] / counts[has_any]
+        return means.sum(), means.new_tensor(float(has_any.sum()))
+    total = per_token.sum()
+    count = mask.sum().to(total.dtype)
+    if reduction == "sum":
+        return total, count
+    return total / count.clamp_min(1)
+
+
 def kl_divergence(logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None,
                   direction: KLDirection = "forward", temperature: float = 1.0,
-                  reduction: Literal["mean", "sum"] = "mean") -> Tensor | tuple[Tensor, Tensor]:
+                  reduction: Reduction = "mean") -> Tensor | tuple[Tensor, Tensor]:
     """Temperature-scaled KL between the current and the reference next-token distributions, per position.
 
     ``tau^2 * KL(p_ref || p_theta)`` (forward) or ``tau^2 * KL(p_theta || p_ref)`` (reverse) with
@@ -385,58 +409,54 @@ def kl_divergence(logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None
     gradient magnitudes comparable across temperatures (Hinton et al.; CRL uses tau = 2).
 
     Args:
-        logits: ``[..., V]`` current logits (finite).
-        ref_logits: ``[..., V]`` reference logits (finite).
-        mask: ``[...]`` positions that count (1) and that do not (0, e.g. padding); None = all.
+        logits: ``[B, T, V]`` current logits (finite).
+        ref_logits: ``[B, T, V]`` reference logits (finite).
+        mask: ``[B, T]`` positions that count (1) and that do not (0, e.g. padding); None = all.
         direction: ``forward`` | ``reverse``.
         temperature: tau > 0.
-        reduction: ``mean``: token mean over the mask of this call (0 if empty); ``sum``: ``(sum, count)``
-            so a caller can combine calls or ranks into one token mean (``global_token_mean`` does ranks).
+        reduction: ``mean`` (token mean), ``sum`` (``(sum, count)``, so callers can combine calls or ranks into
+            one token mean; ``global_token_mean`` does ranks) or ``sequence`` (see ``_reduce``).
     """
     _check_choice("kl_direction", direction, KL_DIRECTIONS)
-    _check_choice("reduction", reduction, ("mean", "sum"))
+    _check_choice("reduction", reduction, REDUCTIONS)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
     if logits.shape != ref_logits.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and ref_logits {tuple(ref_logits.shape)} differ")
-    if mask is not None:
-        if mask.shape != logits.shape[:-1]:
-            raise ValueError(f"mask must be {tuple(logits.shape[:-1])}; got {tuple(mask.shape)}")
-        keep = mask.bool()
-        logits, ref_logits = logits[keep], ref_logits[keep]  # [K, V]: masked positions never enter the maths
+    if logits.dim() == 2:  # a single sequence [T, V]
+        logits, ref_logits = logits[None], ref_logits[None]
+        mask = None if mask is None else mask[None]
+    if mask is not None and mask.shape != logits.shape[:-1]:
+        raise ValueError(f"mask must be {tuple(logits.shape[:-1])}; got {tuple(mask.shape)}")
+    keep = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device) if mask is None else mask.bool()
     log_q = F.log_softmax(_upcast(logits) / temperature, dim=-1)
     log_p = F.log_softmax(_upcast(ref_logits.detach()) / temperature, dim=-1)
     if direction == "forward":
         per_token = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
     else:
         per_token = (log_q.exp() * (log_q - log_p)).sum(dim=-1)
-    total = per_token.sum() * temperature**2
-    count = torch.tensor(float(per_token.numel()), device=total.device, dtype=total.dtype)
-    if reduction == "sum":
-        return total, count
-    return total / count.clamp_min(1)
+    # masked positions are zeroed before reduction, so a non-finite value there cannot leak in
+    return _reduce(torch.where(keep, per_token, 0.0) * temperature**2, keep, reduction)
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100,
-                   reduction: Literal["mean", "sum"] = "mean") -> Tensor | tuple[Tensor, Tensor]:
-    """Token-mean next-token cross-entropy with HF's ``labels`` convention (``logits[:, t]`` predicts
-    ``labels[:, t + 1]``; ``ignore_index`` marks prompt and padding). Used for the optional refusal term.
+                   reduction: Reduction = "mean") -> Tensor | tuple[Tensor, Tensor]:
+    """Next-token cross-entropy with HF's ``labels`` convention (``logits[:, t]`` predicts ``labels[:, t + 1]``;
+    ``ignore_index`` marks prompt and padding). Used for the optional refusal term.
 
     Args:
         logits: ``[B, T, V]``.
         labels: ``[B, T]`` token ids aligned with the inputs.
-        reduction: ``mean`` (0 if no target) or ``sum``, which returns ``(sum, count)``.
+        reduction: ``mean`` (token mean, 0 if no target), ``sum`` or ``sequence`` (see ``kl_divergence``).
     """
-    _check_choice("reduction", reduction, ("mean", "sum"))
+    _check_choice("reduction", reduction, REDUCTIONS)
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not align")
-    targets = labels[:, 1:].reshape(-1)
-    flat = _upcast(logits[:, :-1]).reshape(-1, logits.shape[-1])
-    total = F.cross_entropy(flat, targets, ignore_index=ignore_index, reduction="sum")
-    count = (targets != ignore_index).sum().to(total.dtype)
-    if reduction == "sum":
-        return total, count
-    return total / count.clamp_min(1)
+    targets = labels[:, 1:]
+    keep = targets != ignore_index
+    per_token = F.cross_entropy(_upcast(logits[:, :-1]).transpose(1, 2), targets.masked_fill(~keep, 0),
+                                reduction="none")
+    return _reduce(per_token, keep, reduction)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -471,6 +491,9 @@ class ES2Loss(nn.Module):
         kl_direction: ``forward`` (KL(p_ref || p_theta)) | ``reverse``.
         kl_temperature: tau.
         refusal_weight: weight of the optional refusal cross-entropy; its inputs are required when > 0.
+        reduction: how the KL and refusal terms average: ``sum`` = one token mean over the global batch;
+            ``sequence`` = mean over sequences of each one's token mean (exactly additive over equal-sized
+            micro-batches, so gradient accumulation matches one big batch).
         eps: added to the within-class spread in ``centroid`` / ``fisher``.
     """
 
@@ -479,8 +502,10 @@ class ES2Loss(nn.Module):
                  calibration: Mapping[int, LayerCalibration] | None = None,
                  layer_weights: Mapping[int, float] | None = None, kl_weight: float = 1.0,
                  kl_direction: KLDirection = "forward", kl_temperature: float = 1.0,
-                 refusal_weight: float = 0.0, eps: float = 1e-8):
+                 refusal_weight: float = 0.0, reduction: Literal["sum", "sequence"] = "sum", eps: float = 1e-8):
         super().__init__()
+        _check_choice("reduction", reduction, ("sum", "sequence"))
+        self.reduction = reduction
         _check_choice("distance", distance, DISTANCES)
         _check_choice("form", form, FORMS)
         _check_choice("normalize", normalize, NORMALIZATIONS)
@@ -551,15 +576,28 @@ class ES2Loss(nn.Module):
         for layer in layers:
             raw_h, raw_s = _upcast(harmful[layer]), _upcast(harmless[layer])
             norms[layer] = _global_mean_detached(torch.linalg.vector_norm(torch.cat([raw_h, raw_s]), dim=-1))
-            d = self._layer_distance(self._prepare(raw_h, layer), self._prepare(raw_s, layer), layer, pairs)
-            d_ref = None
+            h, s = self._prepare(raw_h, layer), self._prepare(raw_s, layer)
             if has_ref:
-                with torch.no_grad():
-                    d_ref = self._layer_distance(self._prepare(ref_harmful[layer], layer),
-                                                 self._prepare(ref_harmless[layer], layer), layer, pairs)
-                ref_distances[layer] = d_ref
-            terms.append(weights[layer] * separation_form(d, self.form, d_ref=d_ref, margin=self.margin,
-                                                          ratio=self.margin_ratio))
+                ref_h, ref_s = self._prepare(ref_harmful[layer], layer), self._prepare(ref_harmless[layer], layer)
+            if self.distance == "pairwise" and pairs is not None:
+                # Each pair clears its own margin: a mean of per-pair terms, additive over micro-batches.
+                d_pairs = torch.linalg.vector_norm(h[pairs[:, 0]] - s[pairs[:, 1]], dim=-1)
+                d_ref_pairs = (torch.linalg.vector_norm(ref_h[pairs[:, 0]] - ref_s[pairs[:, 1]], dim=-1).detach()
+                               if has_ref else None)
+                form = separation_form(d_pairs, self.form, d_ref=d_ref_pairs, margin=self.margin,
+                                       ratio=self.margin_ratio)
+                term, d = gather_with_grad(form).mean(), gather_with_grad(d_pairs).mean()
+                if has_ref:
+                    ref_distances[layer] = gather_with_grad(d_ref_pairs).mean()
+            else:
+                d = self._layer_distance(h, s, layer, pairs)
+                d_ref = None
+                if has_ref:
+                    with torch.no_grad():
+                        d_ref = self._layer_distance(ref_h, ref_s, layer, pairs)
+                    ref_distances[layer] = d_ref
+                term = separation_form(d, self.form, d_ref=d_ref, margin=self.margin, ratio=self.margin_ratio)
+            terms.append(weights[layer] * term)
             distances[layer] = d.detach()
         separation = torch.stack(terms).sum() / sum(weights[layer] for layer in layers)
 
@@ -569,14 +607,15 @@ class ES2Loss(nn.Module):
             if ref_logits is None:
                 raise ValueError("the KL term needs ref_logits with logits")
             kl = global_token_mean(*kl_divergence(logits, ref_logits, kl_mask, self.kl_direction,
-                                                  self.kl_temperature, reduction="sum"))
+                                                  self.kl_temperature, reduction=self.reduction))
         elif self.kl_weight > 0:
             raise ValueError("kl_weight > 0 needs logits and ref_logits on harmless inputs (or kl_weight 0)")
         refusal = zero
         if refusal_logits is not None:
             if refusal_labels is None:
                 raise ValueError("the refusal term needs refusal_labels with refusal_logits")
-            refusal = global_token_mean(*causal_lm_loss(refusal_logits, refusal_labels, reduction="sum"))
+            refusal = global_token_mean(*causal_lm_loss(refusal_logits, refusal_labels,
+                                                        reduction=self.reduction))
         elif self.refusal_weight > 0:
             raise ValueError("refusal_weight > 0 needs refusal_logits and refusal_labels")
 

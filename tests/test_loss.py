@@ -450,3 +450,53 @@ def test_two_processes_equal_one_process(tmp_path):
             gathered = torch.cat([ranks[0][i][key], ranks[1][i][key]])
             assert_close(gathered, single[key], rtol=0, atol=1e-6, msg=lambda m: f"{config} {key}: {m}")
         assert single["W"].abs().sum() > 0 and single["V"].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Per-example formulation: exact gradient accumulation
+
+
+def test_pairwise_form_applies_per_pair():
+    """Pairs (h0,s0) at distance 3 and (h1,s1) at distance 1, reference distances 1 and 1, rho 2:
+    per pair relu(2 - 3) = 0 and relu(2 - 1) = 1, mean 0.5 (a batch-mean hinge would give relu(2 - 2) = 0)."""
+    h = {1: torch.tensor([[3.0, 0.0], [1.0, 0.0]])}
+    s = {1: torch.zeros(2, 2)}
+    ref_h = {1: torch.tensor([[1.0, 0.0], [1.0, 0.0]])}
+    loss = ES2Loss(distance="pairwise", form="rel_hinge", margin_ratio=2.0, normalize="none", kl_weight=0.0)
+    out = loss(h, s, ref_h, {1: torch.zeros(2, 2)}, pairs=torch.tensor([[0, 0], [1, 1]]))
+    assert out.separation.item() == pytest.approx(0.5)
+    assert out.per_layer_distance[1].item() == pytest.approx(2.0)
+
+
+def test_sequence_reduction_is_the_mean_of_per_sequence_token_means():
+    """Row 0: one token with CE ln 2 (uniform over 2 classes); row 1: two tokens, CE 0-ish and ln 2 -> mean ln2/2.
+    Token mean = (ln2 + ln2) / 3; sequence mean = (ln2 + ln2/2) / 2."""
+    big = 30.0
+    logits = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+                           [[big, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    labels = torch.tensor([[-100, -100, 1], [-100, 0, 1]])
+    total, count = causal_lm_loss(logits, labels, reduction="sequence")
+    assert count.item() == 2
+    assert (total / count).item() == pytest.approx((math.log(2) + math.log(2) / 2) / 2, abs=1e-6)
+    assert causal_lm_loss(logits, labels).item() == pytest.approx(2 * math.log(2) / 3, abs=1e-6)
+
+
+def test_per_example_loss_is_additive_over_micro_batches():
+    """With pairwise pairs and sequence reduction, the loss of 4 pairs equals the mean of two halves' losses,
+    so gradient accumulation (4 x 1 == 2 x 2) is exact."""
+    torch.manual_seed(0)
+    h, s = torch.randn(4, 3), torch.randn(4, 3)
+    rh, rs = torch.randn(4, 3), torch.randn(4, 3)
+    logits, ref_logits = torch.randn(4, 5, 7), torch.randn(4, 5, 7)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    loss = ES2Loss(distance="pairwise", form="rel_hinge", margin_ratio=3.0, normalize="none", kl_weight=0.5,
+                   reduction="sequence")
+
+    def run(rows):
+        idx = torch.arange(len(rows))
+        return loss({1: h[rows]}, {1: s[rows]}, {1: rh[rows]}, {1: rs[rows]}, logits=logits[rows],
+                    ref_logits=ref_logits[rows], kl_mask=mask[rows], pairs=torch.stack([idx, idx], 1)).loss
+
+    whole = run(torch.arange(4))
+    halves = (run(torch.arange(2)) + run(torch.arange(2, 4))) / 2
+    assert whole.item() == pytest.approx(halves.item(), abs=1e-6)
