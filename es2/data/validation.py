@@ -84,7 +84,8 @@ class Failure:
             if ex.get("duplicate_of"):
                 text += f" [same as {', '.join(ex['duplicate_of'])}]"
             if ex.get("train_match"):
-                text += f" [near-duplicate of {ex['train_match']}: {json.dumps(ex['train_prompt'], ensure_ascii=False)}]"
+                prompt = json.dumps(ex["train_prompt"], ensure_ascii=False)
+                text += f" [near-duplicate of {ex['train_match']}: {prompt}]"
             lines.append(text)
         return "\n".join(lines)
 
@@ -106,8 +107,8 @@ class ValidationReport:
                     f"in {files} file(s).")
             body: list[str] = []
         else:
-            head = (f"Data validation FAILED: {len(self.failures)} of {self.evaluated_expectations} expectations "
-                    f"failed ({self.rows} rows in {files} file(s)).")
+            head = (f"Data validation FAILED: {len(self.failures)} of {self.evaluated_expectations} "
+                    f"expectations failed ({self.rows} rows in {files} file(s)).")
             body = [f.describe() for f in self.failures]
         tail = [f"Data Docs: {self.data_docs_path}", f"Report:    {self.report_path}"]
         return "\n".join([head, *body, *tail])
@@ -125,7 +126,7 @@ class _Dataset:
 
 
 def normalise(text: str) -> str:
-    """Lowercase (casefold, NFKC), drop punctuation, collapse whitespace: 'Hello,  World!' -> 'hello world'."""
+    """Casefold (after NFKC), drop punctuation, collapse whitespace: 'Hello,  World!' -> 'hello world'."""
     text = _PUNCT.sub("", unicodedata.normalize("NFKC", text).casefold())
     return " ".join(text.split())
 
@@ -191,7 +192,8 @@ def _read_rows(ds: _Dataset) -> list[dict]:
     try:
         raw = ds.path.read_bytes()
     except OSError as exc:
-        reason = "file not found" if isinstance(exc, FileNotFoundError) else f"cannot read file ({exc.strerror})"
+        missing = isinstance(exc, FileNotFoundError)
+        reason = "file not found" if missing else f"cannot read file ({exc.strerror})"
         return [{**base, "line": 0, "parse_error": f"{ds.path}: {reason}"}]
     rows, offset = [], 0
     for lineno, chunk in enumerate(raw.split(b"\n"), start=1):
@@ -209,7 +211,9 @@ def _read_rows(ds: _Dataset) -> list[dict]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            row["parse_error"] = f"line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+            why = "starts with a byte-order mark (save as UTF-8 without BOM)" if text.startswith("\ufeff") \
+                else f"not valid JSON ({exc.msg} at column {exc.colno})"
+            row["parse_error"] = f"line {lineno}: {why}"
             continue
         if not isinstance(obj, dict):
             row["parse_error"] = f"line {lineno}: expected a JSON object, got {type(obj).__name__}"
@@ -217,7 +221,7 @@ def _read_rows(ds: _Dataset) -> list[dict]:
         try:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            row["parse_error"] = f"line {lineno}: a string holds an unpaired surrogate escape, not valid UTF-8"
+            row["parse_error"] = f"line {lineno}: a string holds an unpaired surrogate escape (not UTF-8)"
             continue
         missing = [f for f in REQUIRED_FIELDS if f not in obj]
         row["missing_columns"] = ", ".join(missing) if missing else None
@@ -304,7 +308,8 @@ def _expectations(gxe, Column, datasets: list[_Dataset], params: ValidateParams)
     out += [
         gxe.ExpectColumnValuesToBeUnique(column="id", meta=meta("unique id")),
         gxe.ExpectColumnValuesToBeUnique(column="prompt_text", meta=meta("exact duplicate prompt")),
-        gxe.ExpectColumnValuesToBeUnique(column="prompt_normalised", meta=meta("normalised duplicate prompt")),
+        gxe.ExpectColumnValuesToBeUnique(column="prompt_normalised",
+                                         meta=meta("normalised duplicate prompt")),
     ]
     if any(ds.split == "eval" for ds in datasets):
         out.append(gxe.ExpectColumnValuesToBeBetween(
@@ -312,11 +317,12 @@ def _expectations(gxe, Column, datasets: list[_Dataset], params: ValidateParams)
             meta=meta("train/eval near-duplicate leakage (word 3-gram Jaccard)", "eval files vs training")))
     train = Column("split") == "train"
     out += [
-        gxe.ExpectColumnMeanToBeBetween(column="is_harmful", min_value=params.harmful_share_min,
-                                        max_value=params.harmful_share_max, row_condition=train,
-                                        meta=meta("class balance (harmful share of training rows)", "training")),
-        gxe.ExpectColumnDistinctValuesToContainSet(column="label", value_set=list(LABELS), row_condition=train,
-                                                   meta=meta("both classes in training", "training")),
+        gxe.ExpectColumnMeanToBeBetween(
+            column="is_harmful", min_value=params.harmful_share_min, max_value=params.harmful_share_max,
+            row_condition=train, meta=meta("class balance (harmful share of training rows)", "training")),
+        gxe.ExpectColumnDistinctValuesToContainSet(
+            column="label", value_set=list(LABELS), row_condition=train,
+            meta=meta("both classes in training", "training")),
     ]
     out += [gxe.ExpectTableRowCountToBeBetween(min_value=params.min_rows,
                                                row_condition=(Column("dataset") == ds.name)
@@ -327,7 +333,7 @@ def _expectations(gxe, Column, datasets: list[_Dataset], params: ValidateParams)
 
 
 def _run_gx(frame, datasets, params: ValidateParams, docs_dir: Path):
-    """Run the suite through a Checkpoint that writes Data Docs into docs_dir; return the validation result."""
+    """Run the suite via a Checkpoint that writes Data Docs into docs_dir; return the validation result."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
     from great_expectations.data_context.types.base import (
@@ -425,7 +431,8 @@ def _exception_text(info) -> str:
         return ""
     if "raised_exception" in info:
         return info.get("exception_message") or "" if info.get("raised_exception") else ""
-    return "; ".join(_exception_text(v) for v in info.values() if isinstance(v, dict) and _exception_text(v))
+    messages = (_exception_text(v) for v in info.values() if isinstance(v, dict))
+    return "; ".join(dict.fromkeys(m for m in messages if m))
 
 
 def _failure(r, frame, files: dict[str, str]) -> Failure:

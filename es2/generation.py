@@ -1,0 +1,159 @@
+"""Batched greedy generation and teacher-forced sequence log-probabilities for chat models.
+
+Conventions shared by every function here:
+  - A prompt is one user message; it is rendered with the tokenizer's chat template and the generation
+    prompt (`chat_prompts`), then tokenized with `add_special_tokens=False`: the template already writes
+    any BOS token, and adding it again would shift every position.
+  - Batches are LEFT-padded (every sequence ends at index -1, so new tokens line up); the tokenizer's
+    `padding_side` is set only for the duration of a call and restored afterwards.
+  - Inputs are sorted by token length (longest first) so each batch holds similar lengths and the largest
+    batch runs first (an out-of-memory error shows up at once); results come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+
+
+def chat_prompts(tokenizer, prompts: list[str], system: str | None = None) -> list[str]:
+    """Render each prompt as a one-turn chat (optional system message first) ending with the generation
+    prompt."""
+    rendered = []
+    for prompt in prompts:
+        messages = ([{"role": "system", "content": system}] if system is not None else [])
+        messages.append({"role": "user", "content": prompt})
+        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return rendered
+
+
+@contextmanager
+def _left_padding(tokenizer):
+    """Temporarily left-pad (and give the tokenizer a pad token if it has none); restore both on exit."""
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = None
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _length_order(lengths: list[int]) -> list[int]:
+    """Indices sorted longest first (stable, so equal lengths keep their order)."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="prompt", leave=False)
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
+             prefill: list[str] | None = None, progress: bool = True, system: str | None = None,
+             chat: bool = True) -> list[str]:
+    """Greedy continuations of `prompts`, one string each, in the order given.
+
+    prefill: one string per prompt, appended after the generation prompt as if the assistant had written
+        it (the prefilling attack); it conditions the continuation but is not part of the returned text.
+        The rendered prompt and its prefill are tokenized together, as `tokenizer(rendered + prefill)`.
+    chat: False treats `prompts` as already-rendered text (no chat template applied).
+    Decoding drops special tokens (EOS, padding). Uses the KV cache, `do_sample=False`, under inference mode.
+    """
+    if prefill is not None and len(prefill) != len(prompts):
+        raise ValueError(f"prefill has {len(prefill)} strings for {len(prompts)} prompts")
+    if not prompts:
+        return []
+    texts = chat_prompts(tokenizer, prompts, system) if chat else list(prompts)
+    if prefill is not None:
+        texts = [text + pre for text, pre in zip(texts, prefill)]
+    device = _device(model)
+    outputs: list[str | None] = [None] * len(texts)
+    with _left_padding(tokenizer), torch.inference_mode():
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        order = _length_order(lengths)
+        with _progress(len(texts), progress, "generate") as bar:
+            for start in range(0, len(order), batch_size):
+                index = order[start:start + batch_size]
+                batch = tokenizer([texts[i] for i in index], add_special_tokens=False, padding=True,
+                                  return_tensors="pt").to(device)
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,
+                                     top_k=None)
+                new = out[:, batch["input_ids"].shape[1]:]
+                for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                    outputs[i] = text
+                bar.update(len(index))
+    return outputs  # type: ignore[return-value]
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def sequence_logprob(model, tokenizer, prompts: list[str], continuations: list[str], batch_size: int = 16,
+                     system: str | None = None, chat: bool = True) -> torch.Tensor:
+    """Teacher-forced sum over the continuation's tokens of log p(token | chat-rendered prompt, earlier ones).
+
+    Prompt and continuation are tokenized separately (no merge across the boundary), so the scored tokens are
+    exactly `tokenizer(continuation, add_special_tokens=False)`. Sequences are left-padded with explicit
+    position ids (cumulative attention mask), so a padded row scores the same as the row alone. An empty
+    continuation scores 0. Returns a float32 CPU tensor of shape [n], in the order given.
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    if not prompts:
+        return torch.zeros(0)
+    texts = chat_prompts(tokenizer, prompts, system) if chat else list(prompts)
+    prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    cont_ids = tokenizer(list(continuations), add_special_tokens=False)["input_ids"]
+    if any(not p for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (the first continuation token needs context)")
+    sequences = [p + c for p, c in zip(prompt_ids, cont_ids)]
+    device = _device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    keep_logits = _accepts(model, "logits_to_keep")
+    result = torch.zeros(len(texts), dtype=torch.float32)
+    order = _length_order([len(s) for s in sequences])
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            width = max(len(sequences[i]) for i in index)
+            n_cont = max(len(cont_ids[i]) for i in index)
+            if n_cont == 0:
+                continue
+            ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(index), width), dtype=torch.long)
+            scored = torch.zeros((len(index), n_cont), dtype=torch.bool)  # over the last n_cont positions
+            for row, i in enumerate(index):
+                seq = sequences[i]
+                ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                mask[row, width - len(seq):] = 1
+                if cont_ids[i]:
+                    scored[row, n_cont - len(cont_ids[i]):] = True
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            kwargs = {"logits_to_keep": n_cont + 1} if keep_logits else {}
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=position_ids.to(device), use_cache=False, **kwargs).logits
+            # logits at position t predict token t+1: the last n_cont targets use logits[-n_cont-1:-1].
+            logits = logits[:, -(n_cont + 1):-1].float()
+            targets = ids[:, -n_cont:].to(logits.device)
+            token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            # where, not multiply: a padding position's logits may be NaN, and NaN * 0 is still NaN.
+            sums = torch.where(scored.to(logits.device), token_lp, 0.0).sum(-1).cpu()
+            for row, i in enumerate(index):
+                result[i] = sums[row]
+    return result
