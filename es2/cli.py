@@ -19,13 +19,17 @@ EXAMPLES = {
     "validate": "es2 validate                 # the files named in params.yaml (data section)\n"
                 "  es2 validate --harmful new_harmful.jsonl --harmless new_harmless.jsonl",
     "pairs": "es2 pairs --set pairs.strategy=random --set pairs.neighbours=4",
+    "align": "es2 align                    # refusal warm-start of the default model (a few minutes on CPU)",
+    "train": "es2 train --set train.method=circuit_breakers --set train.steps=100\n"
+             "  es2 train --resume             # continue from the last checkpoint after an interruption\n"
+             "  es2 train --set train.num_processes=2   # through accelerate/torchrun (CPU: gloo)",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="es2", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="pipeline: validate -> pairs (dvc repro runs them in order; see README)")
+        epilog="pipeline: validate -> pairs -> align -> train (dvc repro runs them in order; see README)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -57,10 +61,19 @@ def _parser() -> argparse.ArgumentParser:
 
     pairs = add(sub, "pairs", "pairs", "pair each harmful prompt with harmless ones (hard negatives)")
     pairs.add_argument("--out", type=Path, default=Path("artifacts/pairs"))
+
+    align = add(sub, "align", "align", "refusal warm-start: LoRA SFT to refuse, merged into a new base")
+    align.add_argument("--out", type=Path, default=Path("artifacts/align"))
+    align.add_argument("--pairs", type=Path, default=Path("artifacts/pairs"), help="pairs folder")
+
+    train = add(sub, "train", "train", "fine-tune with ES2 (or a baseline: train.method) on the pairs")
+    train.add_argument("--out", type=Path, default=Path("artifacts/train"))
+    train.add_argument("--pairs", type=Path, default=Path("artifacts/pairs"), help="pairs folder")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
     return parser
 
 
-def _run(args) -> int:
+def _run(args, argv: list[str] | None = None) -> int:
     from es2.config import load_params
 
     if args.command == "model":
@@ -95,13 +108,43 @@ def _run(args) -> int:
                   f"median similarity {s['similarity']['q50']:.3f}")
         print(f"wrote {args.out}/{{train,val,eval}}.jsonl, stats.json, similarity.png")
         return 0
+    if args.command == "align":
+        from es2.runtime import set_threads
+        from es2.stages.align import run_align
+
+        set_threads()
+        metrics = run_align(params, args.out, args.pairs)
+        if metrics["enabled"]:
+            for when in ("before", "after"):
+                m = metrics[when]
+                print(f"{when:6s}: refusal on held-out harmful {m['refusal_jbb']['rate']:.0%} (JBB) "
+                      f"{m['refusal_qi']['rate']:.0%} (Qi); over-refusal on harmless "
+                      f"{m['over_refusal_jbb']['rate']:.0%} (JBB) {m['over_refusal_qi']['rate']:.0%} (Qi)")
+        print(f"wrote {args.out}/metrics.json" + (" and adapter/" if metrics["enabled"] else " (align disabled)"))
+        return 0
+    if args.command == "train":
+        from es2.launch import needs_launcher, relaunch
+
+        if needs_launcher(params.train):
+            return relaunch(params.train, sys.argv[1:] if argv is None else argv)
+        from es2.runtime import set_threads
+        from es2.stages.train import run_train
+
+        set_threads()
+        metrics = run_train(params, args.out, args.pairs, args.resume)
+        if metrics:
+            print(f"held-out d' {metrics['heldout_dprime_base']:.3f} -> {metrics['heldout_dprime_trained']:.3f} "
+                  f"(x{metrics['heldout_dprime_ratio']:.2f}), hidden norm change "
+                  f"{metrics['heldout_norm_change']:+.1%}, KL on harmless {metrics['heldout_kl_harmless']:.4f} nats/token")
+            print(f"wrote {args.out}/adapter, metrics.json, curve.csv, curve.png")
+        return 0
     raise AssertionError(args.command)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        return _run(args, argv)
     except ES2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

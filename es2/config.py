@@ -62,11 +62,69 @@ class PairsParams(Section):
     leakage_cosine: float = Field(0.95, gt=0, le=1, description="embedding similarity counted as a leak")
 
 
+class LoraParams(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class AlignParams(Section):
+    """Refusal warm-start: LoRA SFT to refuse harmful prompts and to keep the base's own answers otherwise."""
+
+    enabled: bool = True
+    harmless_prompts: int = Field(96, ge=1, description="harmless training prompts to self-distill")
+    max_new_tokens: int = Field(32, ge=1, description="length of the self-distilled harmless answers")
+    steps: int = Field(40, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    seed: int = 0
+    eval_prompts: int = Field(24, ge=1, description="held-out prompts per class for the before/after rates")
+    eval_max_new_tokens: int = Field(24, ge=1)
+    lora: LoraParams = LoraParams()
+
+
+class TrainParams(Section):
+    """ES2 fine-tuning and the baselines trained under the same harness (see docs/training.md)."""
+
+    method: Literal["es2", "es2_refusal", "refusal_sft", "circuit_breakers"] = "es2"
+    layers: list[int] = Field([16, 20, 24, 28], min_length=1,
+                              description="HF hidden_states indices: 0 = embeddings, l = after block l-1")
+    pooling: Literal["last", "mean"] = "last"
+    normalize: Literal["none", "center", "unit", "standardize"] = "center"
+    distance: Literal["centroid", "pairwise", "nearest", "probe_margin", "fisher"] = "centroid"
+    form: Literal["neg", "hinge", "rel_hinge"] = "rel_hinge"
+    margin: float = Field(1.0, gt=0)
+    margin_ratio: float = Field(2.0, gt=0)
+    kl_weight: float = Field(1.0, ge=0)
+    kl_direction: Literal["forward", "reverse"] = "forward"
+    kl_temperature: float = Field(1.0, gt=0)
+    kl_positions: Literal["prompt", "response", "all"] = "prompt"
+    reduction: Literal["sum", "sequence"] = "sequence"
+    refusal_weight: float = Field(1.0, ge=0, description="refusal CE weight (es2_refusal, refusal_sft)")
+    cb_alpha: float = Field(10.0, gt=0, description="circuit_breakers coefficient scale")
+    full_finetune: bool = False
+    lora: LoraParams = LoraParams()
+    lr: float = Field(1e-4, gt=0)
+    steps: int = Field(60, ge=1)
+    batch_size: int = Field(8, ge=1, description="pairs per device per micro-batch")
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+    max_length: int = Field(256, ge=8)
+    save_steps: int = Field(20, ge=1)
+    logging_steps: int = Field(5, ge=1)
+    gradient_checkpointing: bool = False
+    num_processes: int = Field(1, ge=1, description="> 1 launches through accelerate/torchrun")
+    accelerate_config: str | None = Field(None, description="configs/accelerate/*.yaml for multi-GPU")
+
+
 class Params(Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     pairs: PairsParams = PairsParams()
+    align: AlignParams = AlignParams()
+    train: TrainParams = TrainParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -272,7 +272,7 @@ def calibrate(ref_harmful: Tensor, ref_harmless: Tensor, how: Normalization = "c
 # Distances between the harmful set H [n, D] and the harmless set S [m, D]; all gather over ranks first.
 
 
-def _mean_and_spread(x: Tensor) -> tuple[Tensor, Tensor]:
+def mean_and_spread(x: Tensor) -> tuple[Tensor, Tensor]:
     """Mean ``[D]`` and trace of the population covariance, ``mean_i ||x_i - mu||^2``."""
     mu = x.mean(dim=0)
     return mu, (x - mu).pow(2).sum(dim=-1).mean()
@@ -286,16 +286,16 @@ def _pair_distances(harmful: Tensor, harmless: Tensor) -> Tensor:
 def centroid_distance(harmful: Tensor, harmless: Tensor, eps: float = 1e-8) -> Tensor:
     """``||mu_H - mu_S|| / sqrt((tr Sigma_H + tr Sigma_S) / 2 + eps)``: scale- and shift-free (d'-like)."""
     harmful, harmless = gather_with_grad(harmful), gather_with_grad(harmless)
-    mu_h, spread_h = _mean_and_spread(harmful)
-    mu_s, spread_s = _mean_and_spread(harmless)
+    mu_h, spread_h = mean_and_spread(harmful)
+    mu_s, spread_s = mean_and_spread(harmless)
     return torch.linalg.vector_norm(mu_h - mu_s) / torch.sqrt((spread_h + spread_s) / 2 + eps)
 
 
 def fisher_ratio(harmful: Tensor, harmless: Tensor, eps: float = 1e-8) -> Tensor:
     """``||mu_H - mu_S||^2 / (tr Sigma_H + tr Sigma_S + eps)``: scale- and shift-free."""
     harmful, harmless = gather_with_grad(harmful), gather_with_grad(harmless)
-    mu_h, spread_h = _mean_and_spread(harmful)
-    mu_s, spread_s = _mean_and_spread(harmless)
+    mu_h, spread_h = mean_and_spread(harmful)
+    mu_s, spread_s = mean_and_spread(harmless)
     return (mu_h - mu_s).pow(2).sum() / (spread_h + spread_s + eps)
 
 
@@ -466,7 +466,7 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100,
 class ES2LossOutput(NamedTuple):
     """The loss and its named intermediates. All but ``loss`` are detached; all are global-batch values."""
 
-    loss: Tensor  # separation + kl_weight * kl + refusal_weight * refusal
+    loss: Tensor  # separation_weight * separation + kl_weight * kl + refusal_weight * refusal
     separation: Tensor  # layer-weighted mean of the per-layer forms
     kl: Tensor  # token-mean KL on harmless inputs (0 when no logits were given)
     refusal: Tensor  # token-mean refusal cross-entropy (0 when not given)
@@ -494,6 +494,7 @@ class ES2Loss(nn.Module):
         reduction: how the KL and refusal terms average: ``sum`` = one token mean over the global batch;
             ``sequence`` = mean over sequences of each one's token mean (exactly additive over equal-sized
             micro-batches, so gradient accumulation matches one big batch).
+        separation_weight: 0 turns the separation into a logged diagnostic (the refusal_sft baseline).
         eps: added to the within-class spread in ``centroid`` / ``fisher``.
     """
 
@@ -502,8 +503,10 @@ class ES2Loss(nn.Module):
                  calibration: Mapping[int, LayerCalibration] | None = None,
                  layer_weights: Mapping[int, float] | None = None, kl_weight: float = 1.0,
                  kl_direction: KLDirection = "forward", kl_temperature: float = 1.0,
-                 refusal_weight: float = 0.0, reduction: Literal["sum", "sequence"] = "sum", eps: float = 1e-8):
+                 refusal_weight: float = 0.0, reduction: Literal["sum", "sequence"] = "sum",
+                 separation_weight: float = 1.0, eps: float = 1e-8):
         super().__init__()
+        self.separation_weight = separation_weight
         _check_choice("reduction", reduction, ("sum", "sequence"))
         self.reduction = reduction
         _check_choice("distance", distance, DISTANCES)
@@ -619,6 +622,42 @@ class ES2Loss(nn.Module):
         elif self.refusal_weight > 0:
             raise ValueError("refusal_weight > 0 needs refusal_logits and refusal_labels")
 
-        loss = separation + self.kl_weight * kl + self.refusal_weight * refusal
+        loss = self.separation_weight * separation + self.kl_weight * kl + self.refusal_weight * refusal
         return ES2LossOutput(loss, separation.detach(), kl.detach(), refusal.detach(), distances,
                              ref_distances, norms)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Circuit breakers (representation rerouting; Zou et al. 2024, METHOD.md §3.1), a baseline under one harness
+
+
+class CircuitBreakerOutput(NamedTuple):
+    loss: Tensor
+    reroute: Tensor  # mean relu(cos(h, h_ref)) over harmful tokens and layers
+    retain: Tensor  # mean ||h - h_ref|| over harmless tokens and layers
+
+
+def circuit_breaker_loss(harmful: Mapping[int, Tensor], ref_harmful: Mapping[int, Tensor], harmful_mask: Tensor,
+                         harmless: Mapping[int, Tensor], ref_harmless: Mapping[int, Tensor],
+                         harmless_mask: Tensor, progress: float, alpha: float) -> CircuitBreakerOutput:
+    """``c_rr * mean relu(cos(h, h_ref)) + c_retain * mean ||h - h_ref||`` on per-layer ``[B, T, D]`` states.
+
+    Harmful states are rerouted orthogonal to (or away from) what the frozen model computed; harmless ones are
+    held in place. The schedule derives from training progress t in [0, 1] (never a fixed step count):
+    ``c_rr = alpha * (1 - t / 2)``, ``c_retain = alpha * t / 2``. Each term is a mean over sequences of token
+    means (``_reduce(..., "sequence")``), so it is additive over micro-batches.
+    """
+    def per_layer(states, refs, mask, token_fn):
+        totals = []
+        for layer in sorted(states):
+            per_token = token_fn(_upcast(states[layer]), _upcast(refs[layer]).detach())
+            total, count = _reduce(per_token, mask.bool(), "sequence")
+            totals.append(total / count.clamp_min(1))
+        return torch.stack(totals).mean()
+
+    reroute = per_layer(harmful, ref_harmful, harmful_mask,
+                        lambda h, r: F.relu(F.cosine_similarity(h, r, dim=-1)))
+    retain = per_layer(harmless, ref_harmless, harmless_mask,
+                       lambda h, r: torch.linalg.vector_norm(h - r, dim=-1))
+    c_rr, c_retain = alpha * (1 - progress / 2), alpha * progress / 2
+    return CircuitBreakerOutput(c_rr * reroute + c_retain * retain, reroute.detach(), retain.detach())

@@ -1,0 +1,81 @@
+"""Tokenised training examples and the collator that lays out one concatenated [harmful; harmless] batch.
+
+An example is a pair: a harmful prompt (optionally followed by a response, e.g. a refusal target) and a
+harmless prompt (optionally followed by a response). Prompts are rendered with the model's chat template and
+the generation prompt, so the representation position (`rep_index`) is the last token of the template, the
+position SCAV-style attacks perturb. Batches are left-padded with explicit position ids, so a sequence's
+states do not depend on how much padding its batch needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I can't assist with that request.",
+    "I'm sorry, I won't help with this because it could cause serious harm.",
+    "I cannot help with that. If you are in danger or crisis, please contact local emergency services.",
+)
+
+
+def refusal_for(key: str) -> str:
+    """A refusal string chosen deterministically from the example's id (varied targets, reproducible)."""
+    return REFUSALS[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(REFUSALS)]
+
+
+def encode_chat(tokenizer, prompt: str, response: str | None = None, max_length: int = 256) -> dict:
+    """Token ids of the rendered user turn (+ response and end-of-turn), the prompt length and the user span.
+
+    Over-long inputs lose response tokens first, then prompt tokens from the left, so the template tail that
+    carries the representation is always kept.
+    """
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    start = text.rfind(prompt)
+    span = [int(start <= a and b <= start + len(prompt) and b > a) for a, b in enc["offset_mapping"]]
+    ids = enc["input_ids"]
+    response_ids = []
+    if response is not None:
+        response_ids = tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        response_ids = response_ids[: max(0, max_length - len(ids))]
+    if len(ids) > max_length:
+        ids, span = ids[-max_length:], span[-max_length:]
+    return {"input_ids": ids + response_ids, "prompt_len": len(ids), "span": span + [0] * len(response_ids)}
+
+
+def collate(features: list[dict], pad_token_id: int) -> dict:
+    """Stack B pair features into 2B left-padded rows: harmful rows first, then harmless ones.
+
+    Returns input_ids, attention_mask, position_ids [2B, T]; rep_index [2B] (last prompt token); span_mask
+    [2B, T] (user-message tokens); labels [2B, T] (response tokens, -100 elsewhere); prompt_mask [2B, T];
+    and ref_reps [2B, L, D] when the features carry precomputed reference representations.
+    """
+    rows = [f["harmful"] for f in features] + [f["harmless"] for f in features]
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {key: torch.zeros(len(rows), width, dtype=torch.long)
+             for key in ("input_ids", "attention_mask", "span_mask", "prompt_mask")}
+    batch["input_ids"].fill_(pad_token_id)
+    batch["labels"] = torch.full((len(rows), width), -100, dtype=torch.long)
+    batch["rep_index"] = torch.zeros(len(rows), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n, pad = len(row["input_ids"]), width - len(row["input_ids"])
+        ids = torch.tensor(row["input_ids"])
+        batch["input_ids"][i, pad:] = ids
+        batch["attention_mask"][i, pad:] = 1
+        batch["span_mask"][i, pad:] = torch.tensor(row["span"])
+        batch["prompt_mask"][i, pad:pad + row["prompt_len"]] = 1
+        batch["labels"][i, pad + row["prompt_len"]:] = ids[row["prompt_len"]:]
+        batch["rep_index"][i] = pad + row["prompt_len"] - 1
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    if "ref_reps" in features[0]["harmful"]:
+        batch["ref_reps"] = torch.stack([torch.as_tensor(r["ref_reps"]) for r in rows])
+    return batch
+
+
+def lm_inputs(batch: dict, rows: slice = slice(None)) -> dict:
+    """The subset of a collated batch a causal LM's forward takes."""
+    return {k: batch[k][rows] for k in ("input_ids", "attention_mask", "position_ids")}

@@ -1,0 +1,57 @@
+"""Representation geometry on held-out prompts: scale-free separation (d'), hidden norms, and KL to a reference.
+
+d' = ||mu_H - mu_S|| / sqrt((tr Sigma_H + tr Sigma_S) / 2) on raw (un-normalised) states: a model cannot raise it
+by inflating norms, unlike a raw distance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from es2.features import collate, lm_inputs
+from es2.loss import kl_divergence, mean_and_spread
+
+
+@torch.no_grad()
+def states_and_kl(model, features: list[dict], layers: list[int], pooling: str, pad_token_id: int,
+                  reference=None, batch_size: int = 16) -> dict:
+    """Pooled states {layer: (harmful [n, D], harmless [n, D])}; with `reference` (a context manager yielding
+    the frozen model) also the mean per-token KL(reference || model) over harmless prompt tokens."""
+    from es2.trainer import pooled
+
+    model.eval()
+    harmful, harmless = {layer: [] for layer in layers}, {layer: [] for layer in layers}
+    kl_total, kl_tokens = 0.0, 0.0
+    for start in range(0, len(features), batch_size):
+        batch = collate(features[start:start + batch_size], pad_token_id)
+        n = batch["input_ids"].shape[0] // 2
+        out = model(**lm_inputs(batch), output_hidden_states=True)
+        for layer, reps in pooled(out.hidden_states, batch, layers, pooling).items():
+            harmful[layer].append(reps[:n].float())
+            harmless[layer].append(reps[n:].float())
+        if reference is not None:
+            with reference() as ref_model:
+                ref_logits = ref_model(**lm_inputs(batch, slice(n, None))).logits
+            total, count = kl_divergence(out.logits[n:], ref_logits, batch["prompt_mask"][n:], reduction="sum")
+            kl_total, kl_tokens = kl_total + float(total), kl_tokens + float(count)
+    states = {layer: (torch.cat(harmful[layer]), torch.cat(harmless[layer])) for layer in layers}
+    return {"states": states, "kl": kl_total / max(kl_tokens, 1.0) if reference is not None else None}
+
+
+def dprime(harmful: torch.Tensor, harmless: torch.Tensor) -> float:
+    """d' of one layer on this process's states (no collectives: evaluation runs on rank 0 alone)."""
+    mu_h, spread_h = mean_and_spread(harmful)
+    mu_s, spread_s = mean_and_spread(harmless)
+    return float(torch.linalg.vector_norm(mu_h - mu_s) / torch.sqrt((spread_h + spread_s) / 2 + 1e-8))
+
+
+def separation_summary(states: dict) -> dict[str, float]:
+    """Per layer: d' and the mean hidden norm; plus their means over layers."""
+    out = {}
+    for layer, (h, s) in states.items():
+        out[f"dprime/{layer}"] = dprime(h, s)
+        out[f"hidden_norm/{layer}"] = float(torch.cat([h, s]).norm(dim=-1).mean())
+    layers = list(states)
+    out["dprime/mean"] = sum(out[f"dprime/{layer}"] for layer in layers) / len(layers)
+    out["hidden_norm/mean"] = sum(out[f"hidden_norm/{layer}"] for layer in layers) / len(layers)
+    return out

@@ -1,0 +1,192 @@
+"""The `train` stage: ES2 (or a baseline) on the pairs, starting from the refusal warm-started base.
+
+Writes `artifacts/train/`: `adapter/` (peft LoRA, or the full model), `metrics.json` (held-out d' before/after,
+hidden norms, KL; a DVC metric), `curve.csv` (DVC plot) and `curve.png`. Checkpoints go to `checkpoints/`
+every `train.save_steps`; `es2 train --resume` continues from the last one.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from es2.config import Params
+from es2.errors import ConfigError
+from es2.features import collate, encode_chat, refusal_for
+from es2.io import write_json
+
+CURVE_KEYS = ("loss", "loss/separation", "loss/kl", "loss/refusal", "loss/reroute", "loss/retain", "grad_norm")
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    from es2.data.schema import read_jsonl
+
+    return read_jsonl(path)
+
+
+def harmful_response(method: str, row: dict) -> str | None:
+    """What follows the harmful prompt in training: a refusal target for the refusal methods, the harmful
+    affirmative prefix for circuit breakers (the states to reroute), nothing for plain ES2."""
+    if method in ("es2_refusal", "refusal_sft"):
+        return refusal_for(row["harmful_id"])
+    if method == "circuit_breakers":
+        return row.get("target") or "Sure, here is how to do that."
+    return None
+
+
+def build_features(rows: list[dict], tokenizer, cfg) -> list[dict]:
+    if cfg.kl_positions != "prompt" and not all(r.get("harmless_response") for r in rows):
+        raise ConfigError(f"train.kl_positions={cfg.kl_positions} needs harmless responses in the pairs",
+                          "set train.kl_positions: prompt, or add a `response` to the harmless records")
+    return [{"harmful": encode_chat(tokenizer, r["harmful"], harmful_response(cfg.method, r), cfg.max_length),
+             "harmless": encode_chat(tokenizer, r["harmless"], r.get("harmless_response"), cfg.max_length)}
+            for r in rows]
+
+
+def check_layers(layers: list[int], model) -> None:
+    top = model.config.num_hidden_layers
+    bad = [layer for layer in layers if not 0 <= layer <= top]
+    if bad:
+        raise ConfigError(f"train.layers {bad} are outside 0..{top} for this model "
+                          f"({top} decoder blocks; index l = output of block l-1)",
+                          f"pick layers in 1..{top}, e.g. the upper half")
+
+
+def training_arguments(cfg, output_dir: Path):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        # accumulation happens inside ES2Trainer.training_step (exact for batch statistics), so the Trainer
+        # sees the whole accumulated batch
+        output_dir=str(output_dir), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size * cfg.grad_accum,
+        gradient_accumulation_steps=1, learning_rate=cfg.lr, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_strategy="steps", seed=cfg.seed, data_seed=cfg.seed, report_to="none",
+        remove_unused_columns=False, dataloader_drop_last=True, use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False}, ddp_find_unused_parameters=False,
+        disable_tqdm=False, save_only_model=False, bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+    )
+
+
+def make_loss(cfg, calibration):
+    from es2.loss import ES2Loss
+
+    refusal_weight = cfg.refusal_weight if cfg.method in ("es2_refusal", "refusal_sft") else 0.0
+    return ES2Loss(distance=cfg.distance, form=cfg.form, margin=cfg.margin, margin_ratio=cfg.margin_ratio,
+                   normalize=cfg.normalize, calibration=calibration, kl_weight=cfg.kl_weight,
+                   kl_direction=cfg.kl_direction, kl_temperature=cfg.kl_temperature, refusal_weight=refusal_weight,
+                   reduction=cfg.reduction, separation_weight=0.0 if cfg.method == "refusal_sft" else 1.0)
+
+
+def base_model_path(params: Params) -> str:
+    """The warm-started base when align is enabled (built by the align stage), else the configured model."""
+    if params.align.enabled:
+        from es2.stages.align import aligned_model_dir
+
+        return str(aligned_model_dir(params))
+    return params.model.name_or_path
+
+
+def _save_curve(log_history: list[dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [h for h in log_history if "loss" in h]
+    keys = [k for k in CURVE_KEYS if any(k in r for r in rows)]
+    lines = ["step," + ",".join(k.replace("/", "_") for k in keys)]
+    lines += [f"{r['step']}," + ",".join(f"{r.get(k, float('nan')):.6g}" for k in keys) for r in rows]
+    from es2.io import write_text
+
+    write_text(out_dir / "curve.csv", "\n".join(lines) + "\n")
+    fig, axes = plt.subplots(1, len(keys) - 1 or 1, figsize=(4 * max(1, len(keys) - 1), 3), squeeze=False)
+    for ax, key in zip(axes[0], [k for k in keys if k != "grad_norm"]):
+        ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    tmp = out_dir / ".curve.tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(out_dir / "curve.png")
+
+
+def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir: str | Path = "artifacts/pairs",
+              resume: bool = False) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from es2.geometry import separation_summary, states_and_kl
+    from es2.modeling import load_causal_lm
+    from es2.trainer import ES2Trainer, frozen_view, precompute_reference
+
+    cfg, out_dir = params.train, Path(out_dir)
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_causal_lm(base_model_path(params), params.model.revision,
+                                      params.model.trust_remote_code, params.model.dtype)
+    check_layers(cfg.layers, model)
+    train_features = build_features(read_pairs(Path(pairs_dir) / "train.jsonl"), tokenizer, cfg)
+    val_features = build_features(read_pairs(Path(pairs_dir) / "val.jsonl"), tokenizer, cfg)
+    calibration = precompute_reference(model, train_features, cfg.layers, cfg.pooling, tokenizer.pad_token_id,
+                                       normalize=cfg.normalize)
+    ref_model = None
+    if cfg.full_finetune:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    else:
+        lora = cfg.lora
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    checkpoints = out_dir / "checkpoints"
+    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
+    if resume and last is None:
+        raise ConfigError(f"--resume: no checkpoint under {checkpoints}", "run `es2 train` without --resume")
+    if not resume and checkpoints.exists():
+        shutil.rmtree(checkpoints)  # a fresh run must not mix with an older run's checkpoints
+    trainer = ES2Trainer(
+        model=model, args=training_arguments(cfg, checkpoints), train_dataset=train_features,
+        data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
+        loss_fn=make_loss(cfg, calibration), method=cfg.method, layers=cfg.layers, pooling=cfg.pooling,
+        kl_positions=cfg.kl_positions, cb_alpha=cfg.cb_alpha, ref_model=ref_model, micro_batches=cfg.grad_accum)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if trainer.accelerator.num_processes != world:  # e.g. torchrun without ACCELERATE_USE_CPU: silent 1-process runs
+        raise RuntimeError(f"launched {world} processes but accelerate sees {trainer.accelerator.num_processes}; "
+                           "on CPU set ACCELERATE_USE_CPU=1 (es2 train --set train.num_processes=N does)")
+    trainer.train(resume_from_checkpoint=last)
+    if not trainer.is_world_process_zero():
+        return {}
+
+    staging = out_dir / ".adapter.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    shutil.rmtree(out_dir / "adapter", ignore_errors=True)
+    staging.rename(out_dir / "adapter")
+
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    reference = partial(frozen_view, trained, ref_model)
+    after = states_and_kl(trained, val_features, cfg.layers, cfg.pooling, tokenizer.pad_token_id, reference)
+    with reference() as frozen:
+        before = states_and_kl(frozen, val_features, cfg.layers, cfg.pooling, tokenizer.pad_token_id)
+    s_before, s_after = separation_summary(before["states"]), separation_summary(after["states"])
+    metrics = {
+        "method": cfg.method, "steps": trainer.state.global_step, "world_size": world,
+        "heldout_dprime_base": s_before["dprime/mean"], "heldout_dprime_trained": s_after["dprime/mean"],
+        "heldout_dprime_ratio": s_after["dprime/mean"] / max(s_before["dprime/mean"], 1e-12),
+        "heldout_norm_change": s_after["hidden_norm/mean"] / s_before["hidden_norm/mean"] - 1,
+        "heldout_kl_harmless": after["kl"],
+        "final_train_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "per_layer": {"base": s_before, "trained": s_after},
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    _save_curve(trainer.state.log_history, out_dir)
+    return metrics
+
