@@ -28,10 +28,13 @@ def launch_command(cfg, cli_args: list[str], cuda: bool) -> tuple[list[str], dic
     env = {**os.environ}
     port = str(_free_port())
     if cuda:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.num_processes),
-               "--main_process_port", port]
-        if cfg.accelerate_config:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+        if cfg.accelerate_config:  # the file decides processes, port and machines unless params say otherwise
             cmd += ["--config_file", cfg.accelerate_config]
+        if cfg.num_processes > 1 or not cfg.accelerate_config:
+            cmd += ["--num_processes", str(cfg.num_processes)]
+        if not cfg.accelerate_config:
+            cmd += ["--main_process_port", port]
     else:
         # one thread per rank: two ranks on two cores must not oversubscribe (OpenMP spin-waits)
         env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), ES2_THREADS="1")

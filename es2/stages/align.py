@@ -18,7 +18,7 @@ from pathlib import Path
 
 from es2.config import Params
 from es2.errors import ConfigError
-from es2.io import write_json
+from es2.io import write_json, write_text
 
 ALIGN_DIR = Path("artifacts/align")
 
@@ -89,8 +89,9 @@ def run_align(params: Params, out_dir: str | Path = ALIGN_DIR, pairs_dir: str | 
     from es2.stages.train import training_arguments
 
     cfg, out_dir = params.align, Path(out_dir)
-    if not cfg.enabled:
+    if not cfg.enabled:  # keep the stage's outputs present (DVC checks them) and say why they are empty
         shutil.rmtree(out_dir / "adapter", ignore_errors=True)
+        write_text(out_dir / "adapter" / "DISABLED.txt", "align.enabled is false: train starts from model.name_or_path\n")
         write_json(out_dir / "metrics.json", {"enabled": False})
         return {"enabled": False}
     started = time.perf_counter()

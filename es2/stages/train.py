@@ -101,7 +101,7 @@ def _save_curve(log_history: list[dict], out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [h for h in log_history if "loss" in h]
-    keys = [k for k in CURVE_KEYS if any(k in r for r in rows)]
+    keys = [k for k in CURVE_KEYS if any(r.get(k) for r in rows)]  # terms the method does not use stay 0
     lines = ["step," + ",".join(k.replace("/", "_") for k in keys)]
     lines += [f"{r['step']}," + ",".join(f"{r.get(k, float('nan')):.6g}" for k in keys) for r in rows]
     from es2.io import write_text
@@ -119,6 +119,23 @@ def _save_curve(log_history: list[dict], out_dir: Path) -> None:
     tmp.replace(out_dir / "curve.png")
 
 
+def _reload(params: Params, saved: Path, full_finetune: bool):
+    """(trained model, reference context factory) loaded from the saved output."""
+    from es2.modeling import load_causal_lm
+    from es2.trainer import frozen_view
+
+    base, _ = load_causal_lm(base_model_path(params), params.model.revision, params.model.trust_remote_code,
+                             params.model.dtype)
+    if full_finetune:
+        trained, _ = load_causal_lm(str(saved), trust_remote_code=params.model.trust_remote_code,
+                                    dtype=params.model.dtype)
+        return trained, partial(frozen_view, trained, base)
+    from peft import PeftModel
+
+    trained = PeftModel.from_pretrained(base, str(saved))
+    return trained, partial(frozen_view, trained)
+
+
 def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir: str | Path = "artifacts/pairs",
               resume: bool = False) -> dict:
     from peft import LoraConfig, get_peft_model
@@ -126,7 +143,7 @@ def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir
 
     from es2.geometry import separation_summary, states_and_kl
     from es2.modeling import load_causal_lm
-    from es2.trainer import ES2Trainer, frozen_view, precompute_reference
+    from es2.trainer import ES2Trainer, precompute_reference
 
     cfg, out_dir = params.train, Path(out_dir)
     started = time.perf_counter()
@@ -160,18 +177,20 @@ def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir
     if trainer.accelerator.num_processes != world:  # e.g. torchrun without ACCELERATE_USE_CPU: silent 1-process runs
         raise RuntimeError(f"launched {world} processes but accelerate sees {trainer.accelerator.num_processes}; "
                            "on CPU set ACCELERATE_USE_CPU=1 (es2 train --set train.num_processes=N does)")
+    if trainer.accelerator.distributed_type == "DEEPSPEED" and cfg.grad_accum > 1:
+        raise ConfigError("train.grad_accum > 1 under DeepSpeed would step the optimizer once per micro-batch",
+                          "use train.grad_accum: 1 with DeepSpeed and raise train.batch_size instead")
     trainer.train(resume_from_checkpoint=last)
+    staging = out_dir / ".adapter.tmp"
+    trainer.save_model(str(staging))  # every rank takes part: FSDP and ZeRO-3 gather the weights here
     if not trainer.is_world_process_zero():
         return {}
-
-    staging = out_dir / ".adapter.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(str(staging))
     shutil.rmtree(out_dir / "adapter", ignore_errors=True)
     staging.rename(out_dir / "adapter")
 
-    trained = trainer.accelerator.unwrap_model(trainer.model)
-    reference = partial(frozen_view, trained, ref_model)
+    # Held-out geometry from the saved files on this process alone: works whatever the training sharding was,
+    # and checks that the adapter reloads.
+    trained, reference = _reload(params, out_dir / "adapter", cfg.full_finetune)
     after = states_and_kl(trained, val_features, cfg.layers, cfg.pooling, tokenizer.pad_token_id, reference)
     with reference() as frozen:
         before = states_and_kl(frozen, val_features, cfg.layers, cfg.pooling, tokenizer.pad_token_id)
