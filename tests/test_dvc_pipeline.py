@@ -37,26 +37,28 @@ def project(tmp_path_factory):
     return root
 
 
+# `dvc repro pairs` runs the data stages; align and train need minutes of CPU and have their own tests.
 def test_repro_runs_validate_then_pairs_from_pulled_data(project):
     assert (project / "data/train/harmful.jsonl").exists()
-    _sh("dvc", "repro", cwd=project)
+    _sh("dvc", "repro", "pairs", cwd=project)
     report = json.loads((project / "artifacts/validation/report.json").read_text())
     assert report["success"] is True
     stats = json.loads((project / "artifacts/pairs/stats.json").read_text())
     assert stats["splits"]["train"]["pairs"] > 0
-    assert "Data and pipelines are up to date" in _sh("dvc", "repro", cwd=project).stdout
+    again = _sh("dvc", "repro", "pairs", cwd=project).stdout
+    assert "didn't change, skipping" in again and "Running stage" not in again
     metrics = _sh("dvc", "metrics", "show", "--json", cwd=project).stdout
     assert "splits" in metrics
 
 
 def test_failed_validation_stops_dvc_and_keeps_later_artifacts(project):
-    _sh("dvc", "repro", cwd=project)
+    _sh("dvc", "repro", "pairs", cwd=project)
     pairs_before = (project / "artifacts/pairs/train.jsonl").read_bytes()
     harmful = project / "data/train/harmful.jsonl"
     good = harmful.read_bytes()
     try:
         harmful.write_bytes(good + b'{"id": "bad", "prompt": "   ", "label": "harmful", "source": "t"}\n')
-        done = _sh("dvc", "repro", cwd=project, check=False)
+        done = _sh("dvc", "repro", "pairs", cwd=project, check=False)
         assert done.returncode != 0
         assert "validate" in done.stderr + done.stdout
         assert (project / "artifacts/pairs/train.jsonl").read_bytes() == pairs_before
