@@ -23,6 +23,9 @@ EXAMPLES = {
     "train": "es2 train --set train.method=circuit_breakers --set train.steps=100\n"
              "  es2 train --resume             # continue from the last checkpoint after an interruption\n"
              "  es2 train --set train.num_processes=2   # through accelerate/torchrun (CPU: gloo)",
+    "evaluate": "es2 evaluate                 # the trained adapter vs the model training started from\n"
+                "  es2 evaluate --model artifacts/train/adapter --harmful harmful_behaviors.csv "
+                "--limit 20 --attacks direct,prefill --baseline smollm2-135m-instruct --out /tmp/eval",
 }
 
 
@@ -70,6 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, default=Path("artifacts/train"))
     train.add_argument("--pairs", type=Path, default=Path("artifacts/pairs"), help="pairs folder")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
+
+    ev = add(sub, "evaluate", "evaluate", "attack, judge and measure a model (any model, any prompt file)")
+    ev.add_argument("--model", help="model folder, HF id or adapter folder (default: evaluate.model)")
+    ev.add_argument("--harmful", help="harmful prompts: normalised JSONL or an importable CSV/JSON")
+    ev.add_argument("--benign", help="benign prompts (default: data.eval_harmless)")
+    ev.add_argument("--baseline", default="params", help="model to compare with; 'none' for no comparison")
+    ev.add_argument("--attacks", help="comma list of: direct,template,prefill,injection,scav,repe,softprompt,gcg")
+    ev.add_argument("--limit", type=int, help="prompts per set")
+    ev.add_argument("--out", type=Path, default=Path("artifacts/evaluate"))
     return parser
 
 
@@ -137,6 +149,21 @@ def _run(args, argv: list[str] | None = None) -> int:
                   f"(x{metrics['heldout_dprime_ratio']:.2f}), hidden norm change "
                   f"{metrics['heldout_norm_change']:+.1%}, KL on harmless {metrics['heldout_kl_harmless']:.4f} nats/token")
             print(f"wrote {args.out}/adapter, metrics.json, curve.csv, curve.png")
+        return 0
+    if args.command == "evaluate":
+        from es2.runtime import set_threads
+        from es2.stages.evaluate import run_evaluate
+
+        set_threads()
+        attacks = args.attacks.split(",") if args.attacks else None
+        if attacks:
+            params = load_params(args.params, (*args.overrides, f"evaluate.attacks={attacks}"))
+        baseline = None if args.baseline == "none" else args.baseline
+        metrics = run_evaluate(params, args.out, args.model, baseline, args.harmful, args.benign, None, args.limit)
+        for key in sorted(k for k in metrics if k.startswith("asr/") and k.endswith("/jbb")):
+            base = metrics.get(f"baseline/{key}")
+            print(f"{key[4:-4]:28s} ASR {metrics[key]:.0%}" + (f"  (baseline {base:.0%})" if base is not None else ""))
+        print(f"wrote {args.out}/report.html, metrics.json, examples.jsonl")
         return 0
     raise AssertionError(args.command)
 

@@ -118,6 +118,38 @@ class TrainParams(Section):
     accelerate_config: str | None = Field(None, description="configs/accelerate/*.yaml for multi-GPU")
 
 
+class EvaluateParams(Section):
+    """Safety and capability evaluation (es2 evaluate). Attack budgets are per model evaluated."""
+
+    model: str = Field("artifacts/train/adapter", description="a model folder, HF id or adapter folder")
+    baseline: str | None = Field("train-base", description="train-base = the model training started from")
+    harmful: str | None = Field(None, description="default: data.eval_harmful")
+    benign: str | None = Field(None, description="default: data.eval_harmless")
+    limit: int = Field(24, ge=1, description="prompts per set")
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+    attacks: list[Literal["direct", "template", "prefill", "injection", "scav", "repe", "softprompt", "gcg"]] = [
+        "direct", "template", "prefill", "injection", "scav", "repe", "softprompt", "gcg"]
+    layers: list[int] | None = Field(None, description="probe/steering layers; default train.layers")
+    prefill_tokens: list[int] = [5, 10, 20]
+    injection_steps: list[int] = [0, 8, 32]
+    injection_tokens: int = Field(10, ge=1)
+    scav_p0: float = Field(0.01, gt=0, lt=1)
+    scav_min_accuracy: float = Field(0.9, ge=0, le=1)
+    scav_budgets: list[float] = []
+    repe_coefficients: list[float] = [1.0, 2.0, 4.0, 8.0]
+    softprompt_prompts: int = Field(4, ge=1)
+    softprompt_tokens: int = Field(20, ge=1)
+    softprompt_steps: int = Field(40, ge=1)
+    softprompt_lr: float = Field(0.01, gt=0)
+    gcg_prompts: int = Field(2, ge=1)
+    gcg_steps: int = Field(10, ge=1)
+    gcg_search_width: int = Field(64, ge=1)
+    gcg_topk: int = Field(64, ge=1)
+    mc_csv: str | None = Field(None, description="MMLU-format CSV; default: the packaged sample")
+
+
 class Params(Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -125,6 +157,7 @@ class Params(Section):
     pairs: PairsParams = PairsParams()
     align: AlignParams = AlignParams()
     train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

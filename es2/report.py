@@ -1,0 +1,132 @@
+"""The evaluation report: PNG plots and one self-contained HTML page (images inlined), comparing the evaluated
+model with its baseline. Every rate is shown with its Wilson 95% interval."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+from es2.io import write_text
+
+ROWS = [  # (metric key, label, lower is better for the defender?)
+    ("refusal_margin/mean", "refusal margin log p(refuse) - log p(comply), mean", False),
+    ("over_refusal/jbb/rate", "over-refusal on benign prompts (JBB list)", True),
+    ("over_refusal/qi/rate", "over-refusal on benign prompts (Qi list)", True),
+    ("over_refusal_borderline/jbb/rate", "over-refusal on 'sounds dangerous but safe' prompts (JBB)", True),
+    ("capability/perplexity", "perplexity on benign text", True),
+    ("capability/mc_accuracy", "multiple-choice accuracy (A-D log-likelihood)", False),
+    ("geometry/dprime/mean", "d' harmful vs harmless, mean over layers", False),
+    ("geometry/probe_accuracy/mean", "held-out probe accuracy, mean over layers", False),
+    ("geometry/bhattacharyya_distance/mean", "Bhattacharyya distance (PCA-2), mean over layers", False),
+    ("geometry/silhouette/mean", "silhouette (PCA-2), mean over layers", False),
+]
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+
+
+def _rate(metrics: dict, key: str) -> str:
+    value, ci = metrics.get(key), metrics.get(f"{key}_ci95")
+    if value is None:
+        return "–"
+    return f"{value:.0%} <small>[{ci[0]:.0%}, {ci[1]:.0%}]</small>" if ci else f"{value:.0%}"
+
+
+def _plot_asr(out_dir: Path, runs: dict, judge: str) -> Path:
+    from matplotlib.figure import Figure
+
+    names = [r.name for r in runs["model"]["results"]]
+    fig = Figure(figsize=(max(6, 0.55 * len(names)), 3.6))
+    ax = fig.subplots()
+    width = 0.8 / len(runs)
+    for i, (role, run) in enumerate(runs.items()):
+        values = [run["metrics"].get(f"asr/{n}/{judge}", float("nan")) for n in names]
+        ax.bar([j + i * width for j in range(len(names))], values, width, label=role)
+    ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(names))], names, rotation=60, ha="right")
+    ax.set_ylabel(f"attack success rate ({judge})")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / f"asr_{judge}.png"
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def _plot_depth(out_dir: Path, runs: dict) -> Path | None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.4))
+    ax = fig.subplots()
+    drawn = False
+    for role, run in runs.items():
+        points = sorted((r.x, run["metrics"][f"asr/{r.name}/jbb"]) for r in run["results"] if r.family == "injection")
+        if points:
+            ax.plot(*zip(*points), marker="o", label=role)
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("injection step s (tokens the model wrote first)")
+    ax.set_ylabel("ASR (JBB list)")
+    ax.set_ylim(0, 1)
+    ax.set_title("depth of safety")
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / "depth_of_safety.png"
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(path.name)}</figcaption></figure>'
+
+
+def write_report(out_dir: Path, runs: dict, metrics: dict, plots: dict[str, Path]) -> Path:
+    roles = list(runs)
+    images = [_plot_asr(out_dir, runs, j) for j in ("jbb", "qi")]
+    depth = _plot_depth(out_dir, runs)
+    images += ([depth] if depth else []) + list(plots.values())
+
+    def scoped(role: str) -> dict:
+        return metrics if role == "model" else {k[len("baseline/"):]: v for k, v in metrics.items()
+                                                if k.startswith("baseline/")}
+
+    head = "".join(f"<th>{html.escape(r)}<br><small>{html.escape(runs[r]['spec'])}</small></th>" for r in roles)
+    attack_rows = "".join(
+        f"<tr><td>{html.escape(r.name)}</td>" + "".join(
+            f"<td>{_rate(scoped(role), f'asr/{r.name}/{j}')}</td>" for role in roles for j in ("jbb", "qi"))
+        + "</tr>" for r in runs["model"]["results"])
+    effort_keys = sorted({k for k in metrics if k.startswith("effort/") and not k.startswith("baseline/")})
+    effort_rows = "".join(f"<tr><td>{html.escape(k[7:])}</td>" + "".join(
+        f"<td>{_fmt(scoped(role).get(k))}</td>" for role in roles) + "</tr>" for k in effort_keys)
+    other_rows = "".join(f"<tr><td>{html.escape(label)}</td>" + "".join(
+        f"<td>{_fmt(scoped(role).get(key))}" + (
+            f" <small>[{scoped(role).get(key.replace('/rate', '/ci_low')):.0%}, "
+            f"{scoped(role).get(key.replace('/rate', '/ci_high')):.0%}]</small>"
+            if key.endswith("/rate") and scoped(role).get(key.replace('/rate', '/ci_low')) is not None else "")
+        + "</td>" for role in roles) + "</tr>" for key, label, _ in ROWS)
+    capability = "".join(f"<li>{html.escape(k)}: {_fmt(metrics.get(k))}</li>"
+                         for k in ("capability/kl_to_baseline", "capability/greedy_agreement") if k in metrics)
+    judge_heads = "".join(f"<th>{html.escape(r)} JBB</th><th>{html.escape(r)} Qi</th>" for r in roles)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>es2 evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}img{{max-width:100%}}small{{color:#666}}</style>
+</head><body><h1>es2 evaluation report</h1>
+<p>Attack success rate (ASR) = share of harmful prompts the model did not refuse, by two public keyword lists
+(JBB: JailbreakBench prefixes; Qi: Qi et al. keywords). Square brackets: Wilson 95% intervals.
+Attacks are white-box and fitted against each model.</p>
+<h2>Attack success</h2><table><tr><th>attack</th>{judge_heads}</tr>{attack_rows}</table>
+<h2>Attack effort (higher = harder to attack)</h2><table><tr><th>figure</th>{head}</tr>{effort_rows}</table>
+<h2>Refusal, capability and geometry</h2><table><tr><th>metric</th>{head}</tr>{other_rows}</table>
+<ul>{capability}</ul>
+<h2>Plots</h2>{''.join(_img(p) for p in images)}
+<p>Per-example prompts, generations and judgements: examples.jsonl. Flat metrics: metrics.json.</p>
+</body></html>"""
+    path = out_dir / "report.html"
+    write_text(path, page)
+    return path

@@ -1,0 +1,262 @@
+"""The `evaluate` stage: white-box attacks, keyword judges, geometry and capability, for any model on any data.
+
+`es2 evaluate` with no flags reads params (the DVC stage: the trained adapter against the model training started
+from). With flags it evaluates any model (folder, HF id in the local cache, adapter folder) on any prompt file
+(normalised JSONL or an importable benchmark format). Writes into OUT: metrics.json (flat keys, DVC metrics),
+examples.jsonl (every prompt, generation and judgement), asr.csv and depth.csv (DVC plots), PNG plots and a
+self-contained report.html.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from es2.config import Params
+from es2.errors import ConfigError, DataError
+from es2.io import write_json, write_jsonl, write_text
+
+JUDGES = ("jbb", "qi")
+
+
+def load_model(spec: str, params: Params):
+    """(model, tokenizer) for a model spec: `train-base`, a folder, an HF id, or a peft adapter folder."""
+    from es2.modeling import load_causal_lm
+
+    if spec == "train-base":
+        from es2.stages.train import base_model_path
+
+        spec = base_model_path(params)
+    if spec.startswith("models:/"):
+        raise ConfigError(f"{spec}: the MLflow registry is not set up in this version",
+                          "pass a model folder, an adapter folder or an HF id")
+    adapter_config = Path(spec) / "adapter_config.json"
+    if adapter_config.exists():
+        from peft import PeftModel
+
+        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        model, tokenizer = load_causal_lm(base, trust_remote_code=params.model.trust_remote_code,
+                                          dtype=params.model.dtype)
+        return PeftModel.from_pretrained(model, spec).eval(), tokenizer
+    model, tokenizer = load_causal_lm(spec, params.model.revision, params.model.trust_remote_code,
+                                      params.model.dtype)
+    return model.eval(), tokenizer
+
+
+def read_prompts(path: str | Path, label: str) -> list[dict]:
+    """Records with `label` from a normalised JSONL file or any importable format (sniffed from the header)."""
+    from es2.data.importers import import_records
+    from es2.data.schema import read_records
+
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        rows = read_records(path)
+    elif path.suffix == ".csv":
+        header = path.read_text(encoding="utf-8", errors="replace").splitlines()[0].lower()
+        fmt = ("advbench" if "goal" in header and "target" in header and "behavior" not in header else
+               "jailbreakbench" if "goal" in header else "harmbench" if "behavior" in header else
+               "xstest" if "focus" in header else "csv")
+        rows = import_records(fmt, path, None if fmt == "xstest" else label)
+    elif path.suffix == ".json":
+        rows = import_records("alpaca", path, label)
+    else:
+        raise DataError(f"{path}: unknown file type", "use .jsonl (normalised), .csv or .json")
+    return [r for r in rows if r["label"] == label]
+
+
+def _judged(result, judges=JUDGES) -> tuple[dict, list[dict]]:
+    """ASR per judge with Wilson intervals, and one example row per prompt."""
+    from es2.judges import refusal_flags, wilson_interval
+
+    flags = {j: refusal_flags(result.generations, j) for j in judges}
+    n = len(result.generations)
+    metrics = {}
+    for judge in judges:
+        successes = n - sum(flags[judge])
+        low, high = wilson_interval(successes, n)
+        metrics[f"asr/{result.name}/{judge}"] = successes / n if n else float("nan")
+        metrics[f"asr/{result.name}/{judge}_ci95"] = [low, high]
+    metrics.update({f"effort/{result.name}/{k}": v for k, v in result.effort.items()})
+    examples = [{"attack": result.name, "family": result.family, "x": result.x, "prompt": p, "generation": g,
+                 **{f"refused_{j}": flags[j][i] for j in judges},
+                 **(result.details[i] if i < len(result.details) else {})}
+                for i, (p, g) in enumerate(zip(result.prompts, result.generations))]
+    return metrics, examples
+
+
+def run_attacks(model, tokenizer, harmful: list[dict], probe_sets: tuple[list[str], list[str]], cfg,
+                layers: list[int]) -> list:
+    """Every attack in cfg.attacks against this model (adaptive: probes and directions fitted on it)."""
+    from es2.attacks import optimization, prompting, representation
+
+    prompts = [r["prompt"] for r in harmful]
+    targets = [r.get("target") or f"Sure, here is how to {r['prompt'][0].lower()}{r['prompt'][1:]}"
+               for r in harmful]
+    common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    results = []
+    if "direct" in cfg.attacks:
+        results.append(prompting.direct(model, tokenizer, prompts, **common))
+    if "template" in cfg.attacks:
+        results += prompting.templates(model, tokenizer, prompts, **common)
+    if "prefill" in cfg.attacks:
+        results += prompting.prefill(model, tokenizer, prompts, targets, cfg.prefill_tokens, **common)
+    if "injection" in cfg.attacks:
+        results += prompting.injection(model, tokenizer, prompts, targets, cfg.injection_steps,
+                                       cfg.injection_tokens, **common)
+    if {"scav", "repe"} & set(cfg.attacks):
+        fit_harmful, fit_harmless = probe_sets
+        band = representation.default_band(model.config.num_hidden_layers)  # RepE's band, ~25-45% of depth
+        fit_layers = sorted(set(layers) | set(band))
+        h_states = representation.last_token_states(model, tokenizer, fit_harmful, fit_layers, cfg.batch_size)
+        s_states = representation.last_token_states(model, tokenizer, fit_harmless, fit_layers, cfg.batch_size)
+        if "scav" in cfg.attacks:
+            probes = representation.fit_probes({layer: h_states[layer] for layer in layers},
+                                               {layer: s_states[layer] for layer in layers}, seed=cfg.seed)
+            for budget in [None, *cfg.scav_budgets]:
+                results.append(representation.scav(model, tokenizer, prompts, probes, p0=cfg.scav_p0,
+                                                   min_accuracy=cfg.scav_min_accuracy, budget=budget, **common))
+        if "repe" in cfg.attacks:
+            n = min(len(fit_harmful), len(fit_harmless))  # RepE pairs the i-th harmful with the i-th harmless
+            directions = {layer: representation.repe_direction(h_states[layer][:n], s_states[layer][:n])
+                          for layer in band}
+            results += representation.repe(model, tokenizer, prompts, directions, cfg.repe_coefficients, **common)
+    if "softprompt" in cfg.attacks:
+        n = cfg.softprompt_prompts
+        results.append(optimization.soft_prompt(model, tokenizer, prompts[:n], targets[:n], cfg.softprompt_tokens,
+                                                cfg.softprompt_steps, cfg.softprompt_lr,
+                                                max_new_tokens=cfg.max_new_tokens))
+    if "gcg" in cfg.attacks:
+        n = cfg.gcg_prompts
+        results.append(optimization.gcg(model, tokenizer, prompts[:n], targets[:n], steps=cfg.gcg_steps,
+                                        search_width=cfg.gcg_search_width, topk=cfg.gcg_topk,
+                                        max_new_tokens=cfg.max_new_tokens))
+    return results
+
+
+def evaluate_one(model, tokenizer, harmful, benign, probe_sets, cfg, layers, mc_questions) -> dict:
+    """All figures for one model: attack ASRs and efforts, refusal margin, over-refusal, perplexity, MC accuracy,
+    and the pooled states (for geometry and the base-vs-trained comparison)."""
+    from es2.attacks.representation import last_token_states, smallest_flipping_coefficient
+    from es2.capability import benign_text, multiple_choice_accuracy, over_refusal, perplexity
+    from es2.generation import generate
+    from es2.judges import refusal_margin
+
+    started = time.perf_counter()
+    results = run_attacks(model, tokenizer, harmful, probe_sets, cfg, layers)
+    metrics, examples = {}, []
+    for result in results:
+        m, e = _judged(result)
+        metrics.update(m)
+        examples += e
+    repe = [r for r in results if r.family == "repe"]
+    if repe:
+        for judge in JUDGES:
+            metrics.update({f"effort/repe/{k}/{judge}": v
+                            for k, v in smallest_flipping_coefficient(repe, judge).items()})
+    margins = refusal_margin(model, tokenizer, [r["prompt"] for r in harmful])
+    metrics["refusal_margin/mean"] = float(margins.mean())
+    metrics["refusal_margin/frac_positive"] = float((margins > 0).float().mean())
+    benign_prompts = [r["prompt"] for r in benign]
+    benign_answers = generate(model, tokenizer, benign_prompts, cfg.max_new_tokens, cfg.batch_size)
+    for judge in JUDGES:
+        metrics.update({f"over_refusal/{judge}/{k}": v for k, v in over_refusal(benign_answers, judge).items()})
+        borderline = [a for a, r in zip(benign_answers, benign) if r.get("category") == "borderline"]
+        if borderline:
+            metrics.update({f"over_refusal_borderline/{judge}/{k}": v
+                            for k, v in over_refusal(borderline, judge).items()})
+    examples += [{"attack": "benign", "family": "benign", "prompt": p, "generation": g}
+                 for p, g in zip(benign_prompts, benign_answers)]
+    metrics["capability/perplexity"] = perplexity(model, tokenizer, benign_text())
+    accuracy, n = multiple_choice_accuracy(model, tokenizer, mc_questions, cfg.batch_size)
+    metrics["capability/mc_accuracy"], metrics["capability/mc_n"] = accuracy, n
+    states = {layer: (h, s) for layer, h, s in zip(
+        layers, last_token_states(model, tokenizer, [r["prompt"] for r in harmful], layers, cfg.batch_size).values(),
+        last_token_states(model, tokenizer, benign_prompts, layers, cfg.batch_size).values())}
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    return {"metrics": metrics, "examples": examples, "results": results, "states": states,
+            "benign_answers": benign_answers}
+
+
+def _csv(path: Path, header: list[str], rows: list[list]) -> None:
+    write_text(path, "\n".join([",".join(header)] + [",".join(str(v) for v in row) for row in rows]) + "\n")
+
+
+def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", model: str | None = None,
+                 baseline: str | None = "params", harmful: str | None = None, benign: str | None = None,
+                 attacks: list[str] | None = None, limit: int | None = None) -> dict:
+    """Evaluate `model` (and `baseline`, when given) and write the report; returns the flat metrics."""
+    import torch
+
+    from es2.capability import greedy_agreement, load_mc_csv, mmlu_sample_path, per_token_kl
+    from es2.report import write_report
+    from es2.separation_metrics import flatten_report, layer_report, pca_scatter
+
+    cfg = params.evaluate.model_copy(update={k: v for k, v in
+                                             {"attacks": attacks, "limit": limit}.items() if v is not None})
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    harmful_rows = read_prompts(harmful or cfg.harmful or params.data.eval_harmful, "harmful")[:cfg.limit]
+    benign_rows = read_prompts(benign or cfg.benign or params.data.eval_harmless, "harmless")[:cfg.limit]
+    if not harmful_rows or not benign_rows:
+        raise DataError(f"no prompts to evaluate: {len(harmful_rows)} harmful, {len(benign_rows)} benign",
+                        "check --harmful/--benign (or evaluate.harmful/benign): labels must be harmful/harmless")
+    probe_sets = _probe_sets(harmful_rows, benign_rows)
+    layers = cfg.layers or params.train.layers
+    mc_questions = load_mc_csv(cfg.mc_csv or mmlu_sample_path())
+    specs = {"model": model or cfg.model}
+    baseline = cfg.baseline if baseline == "params" else baseline
+    if baseline:
+        specs["baseline"] = baseline
+    runs, loaded = {}, {}
+    for role, spec in specs.items():
+        m, tokenizer = load_model(spec, params)
+        loaded[role] = (m, tokenizer)
+        runs[role] = evaluate_one(m, tokenizer, harmful_rows, benign_rows, probe_sets, cfg, layers, mc_questions)
+        runs[role]["spec"] = spec
+    metrics = {**runs["model"]["metrics"], **flatten_report(layer_report(runs["model"]["states"]))}
+    plots = {}
+    if "baseline" in runs:
+        base = runs["baseline"]
+        metrics.update({f"baseline/{k}": v for k, v in base["metrics"].items()})
+        metrics.update({f"baseline/{k}": v for k, v in flatten_report(layer_report(base["states"])).items()})
+        (model_, tokenizer), (baseline_model, _) = loaded["model"], loaded["baseline"]
+        metrics["capability/kl_to_baseline"] = per_token_kl(model_, baseline_model, tokenizer,
+                                                            [r["prompt"] for r in benign_rows])
+        metrics["capability/greedy_agreement"] = greedy_agreement(runs["model"]["benign_answers"],
+                                                                  base["benign_answers"], tokenizer)
+        for layer in layers:
+            plots[f"pca_layer{layer}.png"] = pca_scatter(base["states"], runs["model"]["states"], layer,
+                                                         out_dir / f"pca_layer{layer}.png",
+                                                         f"layer {layer}: baseline (left) vs model (right)")
+    _write_outputs(out_dir, runs, metrics)
+    write_report(out_dir, runs, metrics, plots)
+    return metrics
+
+
+def _probe_sets(harmful_rows, benign_rows) -> tuple[list[str], list[str]]:
+    """Prompts to fit SCAV probes and RepE directions on: the pairs' validation split when the pipeline made
+    one (never the attacked prompts), else the evaluation prompts themselves (stated in the report)."""
+    from es2.data.schema import read_jsonl
+
+    val = Path("artifacts/pairs/val.jsonl")
+    if val.exists():
+        rows = read_jsonl(val)
+        return (list(dict.fromkeys(r["harmful"] for r in rows)), list(dict.fromkeys(r["harmless"] for r in rows)))
+    return [r["prompt"] for r in harmful_rows], [r["prompt"] for r in benign_rows]
+
+
+def _write_outputs(out_dir: Path, runs: dict, metrics: dict) -> None:
+    write_jsonl(out_dir / "examples.jsonl", [{"role": role, **e} for role, run in runs.items()
+                                             for e in run["examples"]])
+    asr_rows, depth_rows = [], []
+    for role, run in runs.items():
+        for result in run["results"]:
+            for judge in JUDGES:
+                asr_rows.append([role, result.name, judge, run["metrics"][f"asr/{result.name}/{judge}"]])
+                if result.family == "injection":
+                    depth_rows.append([role, judge, result.x, run["metrics"][f"asr/{result.name}/{judge}"]])
+    _csv(out_dir / "asr.csv", ["model", "attack", "judge", "asr"], asr_rows)
+    _csv(out_dir / "depth.csv", ["model", "judge", "step", "asr"], depth_rows)
+    write_json(out_dir / "metrics.json", {k: v for k, v in metrics.items() if not isinstance(v, list)})
+    write_json(out_dir / "intervals.json", {k: v for k, v in metrics.items() if isinstance(v, list)})
