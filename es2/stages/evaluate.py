@@ -96,14 +96,18 @@ def run_attacks(model, tokenizer, harmful: list[dict], probe_sets: tuple[list[st
     common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     results = []
     if "direct" in cfg.attacks:
-        results.append(prompting.direct(model, tokenizer, prompts, **common))
+        with _Timed("direct"):
+            results.append(prompting.direct(model, tokenizer, prompts, **common))
     if "template" in cfg.attacks:
-        results += prompting.templates(model, tokenizer, prompts, **common)
+        with _Timed("templates"):
+            results += prompting.templates(model, tokenizer, prompts, **common)
     if "prefill" in cfg.attacks:
-        results += prompting.prefill(model, tokenizer, prompts, targets, cfg.prefill_tokens, **common)
+        with _Timed("prefill"):
+            results += prompting.prefill(model, tokenizer, prompts, targets, cfg.prefill_tokens, **common)
     if "injection" in cfg.attacks:
-        results += prompting.injection(model, tokenizer, prompts, targets, cfg.injection_steps,
-                                       cfg.injection_tokens, **common)
+        with _Timed("injection"):
+            results += prompting.injection(model, tokenizer, prompts, targets, cfg.injection_steps,
+                                           cfg.injection_tokens, **common)
     if {"scav", "repe"} & set(cfg.attacks):
         fit_harmful, fit_harmless = probe_sets
         band = representation.default_band(model.config.num_hidden_layers)  # RepE's band, ~25-45% of depth
@@ -113,25 +117,45 @@ def run_attacks(model, tokenizer, harmful: list[dict], probe_sets: tuple[list[st
         if "scav" in cfg.attacks:
             probes = representation.fit_probes({layer: h_states[layer] for layer in layers},
                                                {layer: s_states[layer] for layer in layers}, seed=cfg.seed)
-            for budget in [None, *cfg.scav_budgets]:
-                results.append(representation.scav(model, tokenizer, prompts, probes, p0=cfg.scav_p0,
-                                                   min_accuracy=cfg.scav_min_accuracy, budget=budget, **common))
+            with _Timed("scav"):
+                for budget in [None, *cfg.scav_budgets]:
+                    results.append(representation.scav(model, tokenizer, prompts, probes, p0=cfg.scav_p0,
+                                                       min_accuracy=cfg.scav_min_accuracy, budget=budget,
+                                                       **common))
         if "repe" in cfg.attacks:
             n = min(len(fit_harmful), len(fit_harmless))  # RepE pairs the i-th harmful with the i-th harmless
             directions = {layer: representation.repe_direction(h_states[layer][:n], s_states[layer][:n])
                           for layer in band}
-            results += representation.repe(model, tokenizer, prompts, directions, cfg.repe_coefficients, **common)
+            with _Timed("repe"):
+                results += representation.repe(model, tokenizer, prompts, directions, cfg.repe_coefficients,
+                                               **common)
     if "softprompt" in cfg.attacks:
         n = cfg.softprompt_prompts
-        results.append(optimization.soft_prompt(model, tokenizer, prompts[:n], targets[:n], cfg.softprompt_tokens,
-                                                cfg.softprompt_steps, cfg.softprompt_lr,
-                                                max_new_tokens=cfg.max_new_tokens))
+        with _Timed("softprompt"):
+            results.append(optimization.soft_prompt(model, tokenizer, prompts[:n], targets[:n], cfg.softprompt_tokens,
+                                                    cfg.softprompt_steps, cfg.softprompt_lr,
+                                                    max_new_tokens=cfg.max_new_tokens))
     if "gcg" in cfg.attacks:
         n = cfg.gcg_prompts
-        results.append(optimization.gcg(model, tokenizer, prompts[:n], targets[:n], steps=cfg.gcg_steps,
-                                        search_width=cfg.gcg_search_width, topk=cfg.gcg_topk,
-                                        max_new_tokens=cfg.max_new_tokens))
+        with _Timed("gcg"):
+            results.append(optimization.gcg(model, tokenizer, prompts[:n], targets[:n], steps=cfg.gcg_steps,
+                                            search_width=cfg.gcg_search_width, topk=cfg.gcg_topk,
+                                            max_new_tokens=cfg.max_new_tokens))
     return results
+
+
+class _Timed:
+    """Prints each attack family's wall time as it finishes (evaluation runs for minutes on a CPU)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            print(f"  {self.what}: {time.perf_counter() - self.start:.0f} s", flush=True)
 
 
 def evaluate_one(model, tokenizer, harmful, benign, probe_sets, cfg, layers, mc_questions) -> dict:
@@ -210,6 +234,7 @@ def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", mod
         specs["baseline"] = baseline
     runs, loaded = {}, {}
     for role, spec in specs.items():
+        print(f"evaluating {role}: {spec}", flush=True)
         m, tokenizer = load_model(spec, params)
         loaded[role] = (m, tokenizer)
         runs[role] = evaluate_one(m, tokenizer, harmful_rows, benign_rows, probe_sets, cfg, layers, mc_questions)
