@@ -23,6 +23,11 @@ EXAMPLES = {
     "train": "es2 train --set train.method=circuit_breakers --set train.steps=100\n"
              "  es2 train --resume             # continue from the last checkpoint after an interruption\n"
              "  es2 train --set train.num_processes=2   # through accelerate/torchrun (CPU: gloo)",
+    "run": "es2 run                      # the whole Prefect flow locally: dvc stages, register, promote\n"
+           "  es2 run --set train.kl_weight=0.5   # overrides become a DVC experiment",
+    "serve": "es2 serve                    # serve the nightly deployment (needs PREFECT_API_URL of a server)",
+    "register": "es2 register                 # log the pipeline run to MLflow; new model version, alias challenger",
+    "promote": "es2 promote                  # move alias champion to the challenger if the gates pass",
     "evaluate": "es2 evaluate                 # the trained adapter vs the model training started from\n"
                 "  es2 evaluate --model artifacts/train/adapter --harmful harmful_behaviors.csv "
                 "--limit 20 --attacks direct,prefill --baseline smollm2-135m-instruct --out /tmp/eval",
@@ -82,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--attacks", help="comma list of: direct,template,prefill,injection,scav,repe,softprompt,gcg")
     ev.add_argument("--limit", type=int, help="prompts per set")
     ev.add_argument("--out", type=Path, default=Path("artifacts/evaluate"))
+
+    run = add(sub, "run", "run", "run the whole pipeline as a Prefect flow (stages through DVC, then registry)")
+    run.add_argument("--no-register", action="store_true", help="stop after the DVC stages")
+    add(sub, "serve", "serve", "serve the scheduled Prefect deployment es2-pipeline/nightly from this process")
+    add(sub, "register", "register", "log the pipeline run and register the model (alias challenger)")
+    add(sub, "promote", "promote", "promote the challenger to champion when every gate passes")
     return parser
 
 
@@ -165,6 +176,34 @@ def _run(args, argv: list[str] | None = None) -> int:
             print(f"{key[4:-4]:28s} ASR {metrics[key]:.0%}" + (f"  (baseline {base:.0%})" if base is not None else ""))
         print(f"wrote {args.out}/report.html, metrics.json, examples.jsonl")
         return 0
+    if args.command in ("run", "serve"):
+        from es2.runtime import prefect_environment
+
+        prefect_environment()
+        if args.command == "serve":
+            from flows.serve import main as serve
+
+            serve(repo=".")
+            return 0
+        from flows.pipeline import pipeline
+
+        overrides = dict(o.split("=", 1) for o in args.overrides) or None
+        state = pipeline(repo=".", register=not args.no_register, params_overrides=overrides, return_state=True)
+        print(f"flow run {state.name}: {state.message or ''}")
+        return 0 if state.is_completed() else 1
+    if args.command == "register":
+        from es2.stages.registry import run_register
+
+        result = run_register(params, Path("artifacts"))
+        print(f"run {result['run_id']}: registered {result['name']} version {result['version']} (alias challenger)")
+        return 0
+    if args.command == "promote":
+        from es2.stages.registry import run_promote
+
+        decision = run_promote(params)
+        print(decision.table_text())
+        print("promoted: challenger is now champion" if decision.promoted else "not promoted: champion unchanged")
+        return 0  # a rejected challenger is a normal outcome, not a failure
     raise AssertionError(args.command)
 
 

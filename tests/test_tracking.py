@@ -1,0 +1,526 @@
+"""MLflow tracking, registry and gated promotion against a real `mlflow server` on 127.0.0.1 (and once against
+the embedded sqlite store), with a tiny Llama + a perturbed LoRA adapter and realistic stage metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from es2 import tracking
+from es2.config import Params
+from es2.errors import ES2Error
+from es2.config import GateParams, RegistryParams
+
+# Fast retries so the failure paths take about a second; the defaults are 3 retries from 1 s.
+REG = RegistryParams(experiment="es2-tests", retries=2, backoff_seconds=0.2, timeout_seconds=20)
+PROMPTS = ["how do i bake bread for my family", "write a poem about the sea"]
+GOOD = {"asr": 0.25, "effort": 3.0, "kl": 0.05, "over_refusal": 0.1, "mc": 0.3}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _client_tmpdir(tmp_path_factory):
+    """MLflow's client stages models in the temp dir (and leaves some there over HTTP): use pytest's."""
+    import tempfile
+
+    folder = str(tmp_path_factory.mktemp("client-tmp"))
+    saved_env, saved_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = folder, folder
+    yield
+    tempfile.tempdir = saved_dir
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
+
+
+class Server:
+    def __init__(self, root: Path):
+        self.root, self.port = root, _free_port()
+        self.uri, self.ready = f"http://127.0.0.1:{self.port}", False
+        mlflow_cli = Path(sys.executable).with_name("mlflow")
+        env = {**os.environ, "TMPDIR": str(root), "MLFLOW_DISABLE_TELEMETRY": "true"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self.log = open(root / "server.log", "wb")  # noqa: SIM115 - open for the server's lifetime
+        self.proc = subprocess.Popen(
+            [str(mlflow_cli) if mlflow_cli.exists() else "mlflow", "server",
+             "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+             "--artifacts-destination", str(root / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait(self, timeout: float = 150) -> None:
+        import requests
+
+        if self.ready:
+            return
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                if requests.get(self.uri + "/health", timeout=1).status_code == 200:
+                    self.ready = True
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        tail = (self.root / "server.log").read_text(errors="replace")[-2000:]
+        self.stop()
+        pytest.fail(f"mlflow server did not become healthy at {self.uri}:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the group we started: server + uvicorn worker
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.log.close()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _server_boot(request, tmp_path_factory):
+    """Start the server (about 10-25 s) as soon as this module runs, when any selected test needs it, so that
+    its start overlaps the tests that do not."""
+    if not any("mlflow_server" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    server = Server(tmp_path_factory.mktemp("mlflow-server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_server(_server_boot):
+    _server_boot.wait()
+    return _server_boot
+
+
+class FlakyProxy:
+    """A TCP forwarder in front of the server: `down()` refuses new connections and drops open ones (what a
+    client sees when the server dies), `up()` listens again on the same port."""
+
+    def __init__(self, target_port: int):
+        self.target, self.port = target_port, _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._sockets: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self.up()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        listener.settimeout(0.05)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            for s in self._sockets:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+            self._sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self._lock:
+                self._sockets.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def proxy(mlflow_server, monkeypatch):
+    p = FlakyProxy(mlflow_server.port)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", p.uri)
+    yield p
+    p.down()
+
+
+@pytest.fixture
+def on_server(mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    return mlflow_server
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model_dir, tmp_path_factory):
+    """A finished train stage: a perturbed (non-zero) LoRA on the tiny model, its metrics, curve and plot,
+    the align metrics. Returns (template artifacts dir, in-memory peft model, tokenizer)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from es2.modeling import load_tokenizer
+    from es2.stages.train import _save_curve
+
+    art = tmp_path_factory.mktemp("pipeline") / "artifacts"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # LoRA B starts at zero: make the adapter change the logits
+    model.eval()
+    model.save_pretrained(art / "train" / "adapter")
+    history = [{"step": s, "loss": 1.0 / s, "loss/separation": -0.5 * s, "loss/kl": 0.01 * s,
+                "grad_norm": 2.0} for s in (5, 10, 15, 20)]
+    _save_curve(history, art / "train")
+    (art / "train" / "metrics.json").write_text(json.dumps({
+        "method": "es2", "steps": 20, "world_size": 1, "heldout_dprime_base": 1.2,
+        "heldout_dprime_trained": 2.9,
+        "heldout_dprime_ratio": 2.42, "heldout_norm_change": 0.03, "heldout_kl_harmless": 0.004,
+        "final_train_loss": 0.05, "wall_seconds": 42.0,
+        "per_layer": {"base": {"dprime/mean": 1.2, "dprime/layer1": 1.1}, "trained": {"dprime/mean": 2.9}}}))
+    (art / "align").mkdir()
+    (art / "align" / "metrics.json").write_text(json.dumps({
+        "enabled": True, "steps": 40,
+        "before": {"examples": {"harmful": ["Sure, ..."]},
+                   "refusal_jbb": {"rate": 0.125, "ci95": [0.04, 0.31], "n": 24}},
+        "after": {"refusal_jbb": {"rate": 0.92, "ci95": [0.74, 0.98], "n": 24}}}))
+    return art, model, load_tokenizer(str(tiny_model_dir))
+
+
+def eval_metrics(asr: float, effort: float, kl: float, over_refusal: float, mc: float) -> dict:
+    """evaluate/metrics.json as the stage writes it: flat keys, intervals as lists, a baseline block."""
+    m: dict = {}
+    for attack, scale in (("direct", 1.0), ("template_aim", 1.2), ("prefill_k5", 1.4), ("prefill_k10", 1.5),
+                          ("prefill_k20", 1.6), ("injection_s8", 1.3), ("scav", 2.0), ("gcg", 1.1)):
+        for judge in ("jbb", "qi"):
+            rate = min(1.0, asr * scale)
+            m[f"asr/{attack}/{judge}"] = rate
+            m[f"asr/{attack}/{judge}_ci95"] = [max(0.0, rate - 0.15), min(1.0, rate + 0.15)]
+            m[f"baseline/asr/{attack}/{judge}"] = min(1.0, 0.6 * scale)
+    m.update({"effort/scav/shift_norm_mean": effort, "effort/scav/shift_norm_max": 2 * effort,
+              "baseline/effort/scav/shift_norm_mean": 1.0, "effort/gcg/steps": 10,
+              "over_refusal/jbb/rate": over_refusal, "over_refusal/jbb/ci95": [0.0, over_refusal + 0.2],
+              "over_refusal/qi/rate": over_refusal, "capability/kl_to_baseline": kl,
+              "capability/mc_accuracy": mc,
+              "capability/mc_n": 40, "capability/perplexity": 31.5, "capability/greedy_agreement": 0.8,
+              "geometry/dprime/mean": 2.9, "baseline/geometry/dprime/mean": 1.2, "refusal_margin/mean": 1.4,
+              "seconds": 321.0})
+    return m
+
+
+def pipeline(trained, tiny_model_dir, root: Path, **metrics) -> tuple[Params, Path]:
+    """A pipeline's artifacts folder under root with the given evaluate metrics; params for the tiny model."""
+    art = root / "artifacts"
+    shutil.copytree(trained[0], art)
+    (art / "evaluate").mkdir()
+    (art / "evaluate" / "metrics.json").write_text(json.dumps(eval_metrics(**{**GOOD, **metrics}), indent=2))
+    (art / "evaluate" / "report.html").write_text("<!doctype html><title>es2 report</title><h1>ASR</h1>")
+    shutil.copy(art / "train" / "curve.png", art / "evaluate" / "asr_jbb.png")
+    params = Params.model_validate({"model": {"name_or_path": str(tiny_model_dir)},
+                                    "align": {"enabled": False}, "train": {"layers": [1, 2], "steps": 20}})
+    return params, art
+
+
+def log_and_register(trained, tiny_model_dir, root: Path, name: str, **metrics) -> tuple[str, str]:
+    params, art = pipeline(trained, tiny_model_dir, root, **metrics)
+    run_id = tracking.log_pipeline_run(params, art, root=root, registry=REG)
+    return run_id, tracking.register(run_id, name, registry=REG)
+
+
+def versions(name: str) -> dict[str, dict]:
+    client = mlflow.MlflowClient()
+    return {v.version: v.tags for v in client.search_model_versions(f"name = '{name}'")}
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_embedded_sqlite_store_logs_everything_once(trained, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: 98b7.dir\n  path: data\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    cmd: es2 train\n    outs:\n"
+                                       "    - path: artifacts/train/adapter\n      md5: abc1.dir\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=tmp_path, check=True)
+    params, art = pipeline(trained, tiny_model_dir, tmp_path)
+
+    run_id = tracking.log_pipeline_run(params, art, registry=REG)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlruns").is_dir()
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.data.params["train.method"] == "es2" and run.data.params["align.enabled"] == "false"
+    assert json.loads(run.data.params["train.layers"]) == [1, 2]
+    m = run.data.metrics
+    assert m["evaluate/asr/direct/jbb"] == 0.25 and m["evaluate/asr/direct/jbb_ci95/1"] == pytest.approx(0.4)
+    assert m["train/heldout_dprime_trained"] == 2.9 and m["train/per_layer/base/dprime/mean"] == 1.2
+    assert m["align/after/refusal_jbb/rate"] == 0.92
+    curve = mlflow.MlflowClient().get_metric_history(run_id, "train/curve/loss")
+    assert [(h.step, round(h.value, 4)) for h in curve] == [(5, 0.2), (10, 0.1), (15, 0.0667), (20, 0.05)]
+    tags = run.data.tags
+    assert tags["dvc.data.data.md5"] == "98b7.dir"
+    assert tags["dvc.train.artifacts/train/adapter.md5"] == "abc1.dir"
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags[tracking.KEY_TAG]
+    logged = {a.path for folder in ("train", "evaluate", "pipeline")
+              for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
+    assert {"train/curve.png", "train/curve.csv", "evaluate/report.html", "evaluate/asr_jbb.png",
+            "pipeline/dvc.lock"} <= logged
+
+    assert tracking.log_pipeline_run(params, art, registry=REG) == run_id  # same pipeline: the same run
+    assert tracking.register(run_id, "tiny-local", registry=REG) == "1"
+    assert tracking.register(run_id, "tiny-local", registry=REG) == "1"
+    assert tracking.alias_version("tiny-local", "challenger", registry=REG) == "1"
+
+    # A full fine-tune (no adapter): the saved folder itself is the model.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.rmtree(art / "train" / "adapter")
+    shutil.copytree(tiny_model_dir, art / "train" / "adapter")
+    full = Params.model_validate({**params.model_dump(by_alias=True), "train": {"full_finetune": True}})
+    full_run = tracking.log_pipeline_run(full, art, registry=REG)
+    assert full_run != run_id
+    uri = mlflow.MlflowClient().get_run(full_run).data.tags[tracking.MODEL_TAG]
+    loaded = mlflow.pyfunc.load_model(uri)
+    assert set(loaded.metadata.flavors["python_function"]["artifacts"]) == {"base", "tokenizer"}
+    inner = loaded.unwrap_python_model()
+    batch = trained[2](PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(**batch).logits
+        assert (inner.model(**batch).logits - expected).abs().max() < 1e-6
+
+
+def test_pyfunc_reloads_exactly_and_generates(on_server, trained, tiny_model_dir, tmp_path):
+    import pandas as pd
+    import torch
+    from peft import PeftModel
+
+    from es2.generation import generate
+
+    _, model, tokenizer = trained
+    _, version = log_and_register(trained, tiny_model_dir, tmp_path, "tiny-exact")
+    assert version == "1"
+    loaded = mlflow.pyfunc.load_model("models:/tiny-exact@challenger")
+    inner = loaded.unwrap_python_model()
+    assert isinstance(inner.model, PeftModel)
+    batch = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours, theirs = model(**batch).logits, inner.model(**batch).logits
+        with model.disable_adapter():
+            plain = model(**batch).logits
+    assert (ours - plain).abs().max() > 1e-3  # the adapter matters, so the comparison below means something
+    assert (ours - theirs).abs().max() < 1e-6
+
+    out = loaded.predict(pd.DataFrame({"prompt": PROMPTS}), params={"max_new_tokens": 3})
+    assert list(out) == generate(model, tokenizer, PROMPTS, max_new_tokens=3, progress=False)
+    assert list(out) != generate(model, tokenizer, PROMPTS, max_new_tokens=8, progress=False)  # honoured
+    sig = loaded.metadata.get_params_schema()
+    assert {p.name for p in sig.params} == {"max_new_tokens", "batch_size"}
+
+
+def test_register_is_idempotent(on_server, trained, tiny_model_dir, tmp_path):
+    params, art = pipeline(trained, tiny_model_dir, tmp_path)
+    run_id = tracking.log_pipeline_run(params, art, root=tmp_path, registry=REG)
+    assert tracking.log_pipeline_run(params, art, root=tmp_path, registry=REG) == run_id
+    first = tracking.register(run_id, "tiny-idem", registry=REG)
+    log_and_register(trained, tiny_model_dir, tmp_path / "b", "tiny-idem", asr=0.1)
+    assert tracking.alias_version("tiny-idem", "challenger", registry=REG) == "2"
+    assert tracking.register(run_id, "tiny-idem", registry=REG) == first  # same version, alias re-pointed
+    assert tracking.alias_version("tiny-idem", "challenger", registry=REG) == first
+    assert set(versions("tiny-idem")) == {"1", "2"}
+
+
+def test_promote_first_champion_then_a_better_challenger(on_server, trained, tiny_model_dir, tmp_path):
+    log_and_register(trained, tiny_model_dir, tmp_path / "a", "tiny-promote")
+    first = tracking.promote("tiny-promote", registry=REG)
+    assert first.promoted and first.champion_version is None
+    assert any("skipped" in row.threshold for row in first.table)
+    assert tracking.alias_version("tiny-promote", "champion", registry=REG) == "1"
+
+    log_and_register(trained, tiny_model_dir, tmp_path / "b", "tiny-promote", asr=0.1, effort=4.0)
+    second = tracking.promote("tiny-promote", registry=REG)
+    print(second.table_text())
+    assert second.promoted and (second.champion_version, second.challenger_version) == ("1", "2")
+    gain = next(r for r in second.table if r.gate == "dsr_gain")
+    assert gain.passed and gain.challenger > gain.champion
+    assert tracking.alias_version("tiny-promote", "champion", registry=REG) == "2"
+    assert "PROMOTED" in second.table_text()
+
+
+def test_failing_challenger_never_becomes_champion(on_server, trained, tiny_model_dir, tmp_path):
+    log_and_register(trained, tiny_model_dir, tmp_path / "a", "tiny-gate")
+    assert tracking.promote("tiny-gate", registry=REG).promoted
+    worse_run, _ = log_and_register(trained, tiny_model_dir, tmp_path / "b", "tiny-gate", asr=0.4, kl=0.9)
+    decision = tracking.promote("tiny-gate", registry=REG)
+    text = decision.table_text()
+    print(text)
+    assert not decision.promoted and "NOT PROMOTED" in text
+    assert {r.gate for r in decision.table if not r.passed} == {"dsr_gain", "kl"}
+    assert any(r.startswith("kl:") for r in decision.reasons)
+    assert tracking.alias_version("tiny-gate", "champion", registry=REG) == "1"
+    assert tracking.alias_version("tiny-gate", "challenger", registry=REG) == "2"
+    assert versions("tiny-gate")["2"][tracking.PROMOTION_TAG].startswith("rejected")
+    # Promoting again changes nothing; a failing first challenger does not become champion either.
+    assert not tracking.promote("tiny-gate", registry=REG).promoted
+    assert tracking.register(worse_run, "tiny-gate-fresh", registry=REG) == "1"
+    fresh = tracking.promote("tiny-gate-fresh", registry=REG)
+    assert not fresh.promoted and tracking.alias_version("tiny-gate-fresh", "champion", registry=REG) is None
+
+
+def test_decide_gates_without_a_server():
+    gates = GateParams(attacks=["direct", "scav"], min_dsr=0.5, min_effort_gain=1.1)
+    good = {f"evaluate/{k}": v for k, v in eval_metrics(**GOOD).items() if not isinstance(v, list)}
+    rows, reasons = tracking.decide(good, None, gates)
+    assert all(r.passed for r in rows) and not reasons  # DSR = 1 - (0.25 + 0.5) / 2 = 0.625
+    assert next(r for r in rows if r.gate == "dsr").challenger == pytest.approx(0.625)
+    lacking = {k: v for k, v in good.items() if "scav" not in k}
+    rows, reasons = tracking.decide(lacking, good, gates)
+    failed = {r.gate for r in rows if not r.passed}
+    assert failed == {"dsr", "dsr_gain", "effort_gain"} and len(reasons) == 3
+
+
+def test_server_down_gives_a_clear_error_after_retries(trained, tiny_model_dir, tmp_path, monkeypatch):
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params, art = pipeline(trained, tiny_model_dir, tmp_path)
+    started = time.monotonic()
+    with pytest.raises(ES2Error) as err:
+        tracking.log_pipeline_run(params, art, root=tmp_path, registry=REG)
+    assert time.monotonic() - started >= 0.2 + 0.4  # two backoffs: it retried
+    message = str(err.value)
+    assert uri in message and "after 3 attempts" in message and "mlflow server" in message
+    with pytest.raises(ES2Error, match="unreachable"):
+        tracking.register("0" * 32, "tiny-down", registry=REG)
+    with pytest.raises(ES2Error, match="unreachable"):
+        tracking.promote("tiny-down", registry=REG)
+
+
+def _fail_alias_with(monkeypatch, before_call):
+    original = mlflow.MlflowClient.set_registered_model_alias
+
+    def set_alias(self, name, alias, version):
+        before_call()
+        return original(self, name, alias, version)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", set_alias)
+    return lambda: monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", original)
+
+
+def test_failure_between_create_and_alias_deletes_the_version(on_server, trained, tiny_model_dir, tmp_path,
+                                                               monkeypatch):
+    log_and_register(trained, tiny_model_dir, tmp_path / "a", "tiny-rollback")
+    params, art = pipeline(trained, tiny_model_dir, tmp_path / "b", asr=0.1)
+    run_id = tracking.log_pipeline_run(params, art, root=tmp_path / "b", registry=REG)
+
+    def boom():
+        raise mlflow.exceptions.MlflowException("injected failure before the alias")
+
+    restore = _fail_alias_with(monkeypatch, boom)
+    with pytest.raises(ES2Error, match="partly registered version was deleted"):
+        tracking.register(run_id, "tiny-rollback", registry=REG)
+    restore()
+    assert set(versions("tiny-rollback")) == {"1"}  # version 2 was created, then deleted
+    assert tracking.alias_version("tiny-rollback", "challenger", registry=REG) == "1"
+    assert tracking.register(run_id, "tiny-rollback", registry=REG) == "3"
+
+
+def test_server_lost_mid_registration_leaves_no_half_registered_version(proxy, trained, tiny_model_dir,
+                                                                        tmp_path, monkeypatch):
+    log_and_register(trained, tiny_model_dir, tmp_path / "a", "tiny-lost")
+    params, art = pipeline(trained, tiny_model_dir, tmp_path / "b", asr=0.1)
+    run_id = tracking.log_pipeline_run(params, art, root=tmp_path / "b", registry=REG)
+
+    # 1. The server dies after the version is created and comes back while the rollback retries.
+    probes = []
+    reachable = tracking._reachable
+
+    def probe(uri, timeout=3.0):
+        probes.append(uri)
+        if len(probes) == 3:  # the health check before, then the rollback's first probe fails
+            proxy.up()
+        return reachable(uri, timeout)
+
+    restore = _fail_alias_with(monkeypatch, proxy.down)
+    monkeypatch.setattr(tracking, "_reachable", probe)
+    with pytest.raises(ES2Error) as err:
+        tracking.register(run_id, "tiny-lost", registry=REG)
+    assert proxy.uri in str(err.value) and "stopped answering" in str(err.value)
+    assert "partly registered version was deleted" in str(err.value)
+    monkeypatch.setattr(tracking, "_reachable", reachable)
+    assert set(versions("tiny-lost")) == {"1"}
+    assert tracking.alias_version("tiny-lost", "challenger", registry=REG) == "1"
+
+    # 2. The server stays down through the rollback: the error names the leftover, which is not the
+    #    challenger, and the next registration of the run finishes the job.
+    with pytest.raises(ES2Error) as err:
+        tracking.register(run_id, "tiny-lost", registry=REG)
+    assert "could not be deleted" in str(err.value) and "NOT the challenger" in str(err.value)
+    restore()
+    proxy.up()
+    assert tracking.alias_version("tiny-lost", "challenger", registry=REG) == "1"
+    version = tracking.register(run_id, "tiny-lost", registry=REG)
+    assert tracking.alias_version("tiny-lost", "challenger", registry=REG) == version
+    left = versions("tiny-lost")
+    assert all(tags[tracking.STATUS_TAG] == "complete" for tags in left.values())
+    query = f"name = 'tiny-lost' and run_id = '{run_id}'"
+    assert len(mlflow.MlflowClient().search_model_versions(query)) == 1
+
+
+def test_only_tracking_imports_mlflow():
+    import re
+
+    root = Path(tracking.__file__).resolve().parent
+    pattern = re.compile(r"^\s*(import mlflow|from mlflow)", re.MULTILINE)
+    importers = {p.relative_to(root).as_posix() for p in root.rglob("*.py")
+                 if pattern.search(p.read_text(encoding="utf-8"))}
+    assert importers == {"tracking.py"}
