@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from es2.errors import ConfigError
 
@@ -87,7 +87,7 @@ class AlignParams(Section):
 class TrainParams(Section):
     """ES2 fine-tuning and the baselines trained under the same harness (see docs/training.md)."""
 
-    method: Literal["es2", "es2_refusal", "refusal_sft", "circuit_breakers"] = "es2"
+    method: Literal["es2", "es2_refusal", "refusal_sft", "circuit_breakers", "es2_trajectory", "trajectory"] = "es2"
     layers: list[int] = Field([16, 20, 24, 28], min_length=1,
                               description="HF hidden_states indices: 0 = embeddings, l = after block l-1")
     pooling: Literal["last", "mean"] = "last"
@@ -99,10 +99,18 @@ class TrainParams(Section):
     kl_weight: float = Field(1.0, ge=0)
     kl_direction: Literal["forward", "reverse"] = "forward"
     kl_temperature: float = Field(1.0, gt=0)
-    kl_positions: Literal["prompt", "response", "all"] = "prompt"
+    kl_positions: Literal["prompt", "response", "all"] = "all"
     reduction: Literal["sum", "sequence"] = "sequence"
     refusal_weight: float = Field(1.0, ge=0, description="refusal CE weight (es2_refusal, refusal_sft)")
     cb_alpha: float = Field(10.0, gt=0, description="circuit_breakers coefficient scale")
+    recovery_weight: float = Field(1.0, ge=0, description="recovery CE weight (es2_trajectory, trajectory)")
+    trajectory_steps: list[int] = Field([0, 8, 32], min_length=1,
+                                        description="own tokens s before the injected span (0 = prefilling)")
+    trajectory_span_tokens: int = Field(10, ge=1, description="k: tokens of the injected span")
+    trajectory_continuation_tokens: int = Field(24, ge=1, description="harmless trajectories' own continuation")
+    trajectory_spans: Literal["target", "base_model"] = Field(
+        "base_model", description="injected harmful spans: the records' target prefix, or answers of the "
+                                  "not-yet-aligned model.name_or_path (it complies)")
     full_finetune: bool = False
     lora: LoraParams = LoraParams()
     lr: float = Field(1e-4, gt=0)
@@ -134,7 +142,7 @@ class EvaluateParams(Section):
     layers: list[int] | None = Field(None, description="probe/steering layers; default train.layers")
     prefill_tokens: list[int] = [5, 10, 20]
     injection_steps: list[int] = [0, 8, 32]
-    injection_tokens: int = Field(10, ge=1)
+    injection_tokens: list[int] = Field([10], min_length=1, description="k: injected span lengths (an int = [int])")
     scav_p0: float = Field(0.01, gt=0, lt=1)
     scav_min_accuracy: float = Field(0.9, ge=0, le=1)
     scav_budgets: list[float] = []
@@ -148,6 +156,22 @@ class EvaluateParams(Section):
     gcg_search_width: int = Field(64, ge=1)
     gcg_topk: int = Field(64, ge=1)
     mc_csv: str | None = Field(None, description="MMLU-format CSV; default: the packaged sample")
+    compare: list[str] = Field([], description="extra model specs evaluated like the baseline (compare1, ...)")
+    depth_layer: int | None = Field(None, ge=0, description="refusal-direction layer for the depth claim test; "
+                                                           "default the middle of the evaluate layers")
+    depth_bootstrap: int = Field(2000, ge=0, description="bootstrap resamples for the projection correlation")
+
+    @field_validator("injection_tokens", mode="before")
+    @classmethod
+    def _one_k(cls, value):
+        return [value] if isinstance(value, int) else value
+
+    @field_validator("injection_tokens")
+    @classmethod
+    def _positive_k(cls, value):
+        if any(k < 1 for k in value):
+            raise ValueError(f"every k must be >= 1, got {value}")
+        return value
 
 
 class GateParams(Section):

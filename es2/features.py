@@ -26,11 +26,21 @@ def refusal_for(key: str) -> str:
     return REFUSALS[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(REFUSALS)]
 
 
-def encode_chat(tokenizer, prompt: str, response: str | None = None, max_length: int = 256) -> dict:
-    """Token ids of the rendered user turn (+ response and end-of-turn), the prompt length and the user span.
+def encode_chat(tokenizer, prompt: str, response: str | None = None, max_length: int = 256,
+                prefix: str | None = None, eos: bool = True) -> dict:
+    """Token ids of the rendered user turn (+ assistant prefix + response and end-of-turn), the prompt length,
+    the user span and where the loss starts.
 
-    Over-long inputs lose response tokens first, then prompt tokens from the left, so the template tail that
-    carries the representation is always kept.
+    prefix: assistant text that comes first in the answer but carries no loss (for trajectory training: the
+        model's own first s tokens and an injected span). It sits between the prompt and the response; the
+        labels start after it (`loss_start`), while `prompt_len` (hence rep_index and the prompt mask) stays
+        at the end of the rendered prompt. Prompt, prefix and response are tokenized separately (no merge
+        across the seams), so the labelled ids are exactly `tokenizer(response [+ eos])`.
+    eos: append the end-of-turn token to the response (False for a continuation that may have been cut off).
+
+    Over-long inputs lose response tokens first, then prefix tokens from the end, then prompt tokens from the
+    left, so the template tail that carries the representation is always kept. Without a prefix the result is
+    the same as before prefixes existed, plus `loss_start` == `prompt_len`.
     """
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
@@ -38,20 +48,26 @@ def encode_chat(tokenizer, prompt: str, response: str | None = None, max_length:
     start = text.rfind(prompt)
     span = [int(start <= a and b <= start + len(prompt) and b > a) for a, b in enc["offset_mapping"]]
     ids = enc["input_ids"]
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    prefix_ids = prefix_ids[: max(0, max_length - len(ids))]
     response_ids = []
     if response is not None:
-        response_ids = tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-        response_ids = response_ids[: max(0, max_length - len(ids))]
+        response_ids = tokenizer(response + (tokenizer.eos_token if eos else ""),
+                                 add_special_tokens=False)["input_ids"]
+        response_ids = response_ids[: max(0, max_length - len(ids) - len(prefix_ids))]
     if len(ids) > max_length:
         ids, span = ids[-max_length:], span[-max_length:]
-    return {"input_ids": ids + response_ids, "prompt_len": len(ids), "span": span + [0] * len(response_ids)}
+    extra = prefix_ids + response_ids
+    return {"input_ids": ids + extra, "prompt_len": len(ids), "span": span + [0] * len(extra),
+            "loss_start": len(ids) + len(prefix_ids)}
 
 
 def collate(features: list[dict], pad_token_id: int) -> dict:
     """Stack B pair features into 2B left-padded rows: harmful rows first, then harmless ones.
 
     Returns input_ids, attention_mask, position_ids [2B, T]; rep_index [2B] (last prompt token); span_mask
-    [2B, T] (user-message tokens); labels [2B, T] (response tokens, -100 elsewhere); prompt_mask [2B, T];
+    [2B, T] (user-message tokens); labels [2B, T] (response tokens from `loss_start` on, -100 elsewhere, so an
+    assistant prefix carries no loss); prompt_mask [2B, T] (the rendered prompt only);
     and ref_reps [2B, L, D] when the features carry precomputed reference representations.
     """
     rows = [f["harmful"] for f in features] + [f["harmless"] for f in features]
@@ -68,7 +84,8 @@ def collate(features: list[dict], pad_token_id: int) -> dict:
         batch["attention_mask"][i, pad:] = 1
         batch["span_mask"][i, pad:] = torch.tensor(row["span"])
         batch["prompt_mask"][i, pad:pad + row["prompt_len"]] = 1
-        batch["labels"][i, pad + row["prompt_len"]:] = ids[row["prompt_len"]:]
+        loss_start = row.get("loss_start", row["prompt_len"])
+        batch["labels"][i, pad + loss_start:] = ids[loss_start:]
         batch["rep_index"][i] = pad + row["prompt_len"] - 1
     batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
     if "ref_reps" in features[0]["harmful"]:

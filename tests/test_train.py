@@ -89,11 +89,13 @@ def test_es2_training_moves_lora_only_and_separates_heldout_prompts(workdir):
     assert (out / "curve.png").stat().st_size > 1000 and (out / "curve.csv").read_text().startswith("step,loss")
 
 
-@pytest.mark.parametrize("method", ["es2_refusal", "refusal_sft", "circuit_breakers"])
+@pytest.mark.parametrize("method", ["es2_refusal", "refusal_sft", "circuit_breakers", "es2_trajectory",
+                                    "trajectory"])
 def test_baselines_train_under_the_same_harness(workdir, method):
     out = workdir / method
     params = load_params(REPO / "params.yaml", _overrides(workdir, f"train.method={method}", "train.steps=3",
-                                                          "train.batch_size=4"))
+                                                          "train.batch_size=4", "train.trajectory_steps=[0,2]",
+                                                          "train.trajectory_span_tokens=2"))
     metrics = run_train(params, out, workdir / "pairs")
     assert metrics["method"] == method and torch.isfinite(torch.tensor(metrics["final_train_loss"]))
     assert (out / "adapter" / "adapter_model.safetensors").exists()

@@ -40,13 +40,40 @@ def harmful_response(method: str, row: dict) -> str | None:
     return None
 
 
+TRAJECTORY_METHODS = ("es2_trajectory", "trajectory")
+
+
 def build_features(rows: list[dict], tokenizer, cfg) -> list[dict]:
-    if cfg.kl_positions != "prompt" and not all(r.get("harmless_response") for r in rows):
-        raise ConfigError(f"train.kl_positions={cfg.kl_positions} needs harmless responses in the pairs",
-                          "set train.kl_positions: prompt, or add a `response` to the harmless records")
+    if cfg.kl_positions == "response" and not all(r.get("harmless_response") for r in rows):
+        raise ConfigError("train.kl_positions=response needs harmless responses in the pairs",
+                          "set train.kl_positions: all (or prompt), or add a `response` to the harmless records")
     return [{"harmful": encode_chat(tokenizer, r["harmful"], harmful_response(cfg.method, r), cfg.max_length),
              "harmless": encode_chat(tokenizer, r["harmless"], r.get("harmless_response"), cfg.max_length)}
             for r in rows]
+
+
+def trajectory_features(params: Params, model, tokenizer, rows: list[dict]) -> list[dict]:
+    """Pairs as generation trajectories with a simulated mid-sequence injection (es2.trajectories): harmful rows
+    learn to recover to a refusal after the injected span, harmless rows continue as the frozen model would.
+    Built with the model about to be trained (its own first tokens), cached by content."""
+    from es2 import trajectories
+    from es2.modeling import load_causal_lm
+
+    cfg = params.train
+    spans = None
+    if cfg.trajectory_spans == "base_model":  # the not-yet-aligned model complies: its answers are harmful spans
+        base, base_tokenizer = load_causal_lm(params.model.name_or_path, params.model.revision,
+                                              params.model.trust_remote_code, params.model.dtype)
+        spans = trajectories.harmful_spans_from_base(base, base_tokenizer, [r["harmful"] for r in rows],
+                                                     cfg.trajectory_span_tokens)
+        del base
+    key = {"model": base_model_path(params), "rows": [(r["id"], r["harmful"], r["harmless"]) for r in rows],
+           "steps": cfg.trajectory_steps, "span_tokens": cfg.trajectory_span_tokens, "seed": cfg.seed,
+           "spans": spans, "continuation": cfg.trajectory_continuation_tokens}
+    built = trajectories.cached_trajectories(key, lambda: trajectories.build_trajectories(
+        model, tokenizer, rows, cfg.trajectory_steps, cfg.trajectory_span_tokens, spans, cfg.seed,
+        max_new_tokens=cfg.trajectory_continuation_tokens))
+    return trajectories.trajectory_features(built, tokenizer, cfg.max_length)
 
 
 def check_layers(layers: list[int], model) -> None:
@@ -78,11 +105,13 @@ def training_arguments(cfg, output_dir: Path):
 def make_loss(cfg, calibration):
     from es2.loss import ES2Loss
 
-    refusal_weight = cfg.refusal_weight if cfg.method in ("es2_refusal", "refusal_sft") else 0.0
+    refusal_weight = (cfg.refusal_weight if cfg.method in ("es2_refusal", "refusal_sft") else
+                      cfg.recovery_weight if cfg.method in TRAJECTORY_METHODS else 0.0)
     return ES2Loss(distance=cfg.distance, form=cfg.form, margin=cfg.margin, margin_ratio=cfg.margin_ratio,
                    normalize=cfg.normalize, calibration=calibration, kl_weight=cfg.kl_weight,
                    kl_direction=cfg.kl_direction, kl_temperature=cfg.kl_temperature, refusal_weight=refusal_weight,
-                   reduction=cfg.reduction, separation_weight=0.0 if cfg.method == "refusal_sft" else 1.0)
+                   reduction=cfg.reduction,
+                   separation_weight=0.0 if cfg.method in ("refusal_sft", "trajectory") else 1.0)
 
 
 def base_model_path(params: Params) -> str:
@@ -151,7 +180,9 @@ def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir
     model, tokenizer = load_causal_lm(base_model_path(params), params.model.revision,
                                       params.model.trust_remote_code, params.model.dtype)
     check_layers(cfg.layers, model)
-    train_features = build_features(read_pairs(Path(pairs_dir) / "train.jsonl"), tokenizer, cfg)
+    train_rows = read_pairs(Path(pairs_dir) / "train.jsonl")
+    train_features = (trajectory_features(params, model, tokenizer, train_rows) if cfg.method in TRAJECTORY_METHODS
+                      else build_features(train_rows, tokenizer, cfg))
     val_features = build_features(read_pairs(Path(pairs_dir) / "val.jsonl"), tokenizer, cfg)
     calibration = precompute_reference(model, train_features, cfg.layers, cfg.pooling, tokenizer.pad_token_id,
                                        normalize=cfg.normalize)
