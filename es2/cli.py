@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--baseline", default="params", help="model to compare with; 'none' for no comparison")
     ev.add_argument("--attacks", help="comma list of: direct,template,prefill,injection,scav,repe,softprompt,gcg")
     ev.add_argument("--limit", type=int, help="prompts per set")
+    ev.add_argument("--compare", help="comma list of further models shown side by side (default: evaluate.compare)")
     ev.add_argument("--out", type=Path, default=Path("artifacts/evaluate"))
 
     run = add(sub, "run", "run", "run the whole pipeline as a Prefect flow (stages through DVC, then registry)")
@@ -170,7 +171,8 @@ def _run(args, argv: list[str] | None = None) -> int:
         if attacks:
             params = load_params(args.params, (*args.overrides, f"evaluate.attacks={attacks}"))
         baseline = None if args.baseline == "none" else args.baseline
-        metrics = run_evaluate(params, args.out, args.model, baseline, args.harmful, args.benign, None, args.limit)
+        metrics = run_evaluate(params, args.out, args.model, baseline, args.harmful, args.benign, None, args.limit,
+                               args.compare.split(",") if args.compare else None)
         for key in sorted(k for k in metrics if k.startswith("asr/") and k.endswith("/jbb")):
             base = metrics.get(f"baseline/{key}")
             print(f"{key[4:-4]:28s} ASR {metrics[key]:.0%}" + (f"  (baseline {base:.0%})" if base is not None else ""))

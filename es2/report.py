@@ -1,5 +1,6 @@
 """The evaluation report: PNG plots and one self-contained HTML page (images inlined), comparing the evaluated
-model with its baseline. Every rate is shown with its Wilson 95% interval."""
+model with its baseline and any further models (roles compare1, compare2, ...: one column each). Every rate is
+shown with its Wilson 95% interval."""
 
 from __future__ import annotations
 
@@ -63,18 +64,25 @@ def _plot_depth(out_dir: Path, runs: dict) -> Path | None:
     fig = Figure(figsize=(5, 3.4))
     ax = fig.subplots()
     drawn = False
-    for role, run in runs.items():
-        points = sorted((r.x, run["metrics"][f"asr/{r.name}/jbb"]) for r in run["results"] if r.family == "injection")
-        if points:
-            ax.plot(*zip(*points), marker="o", label=role)
-            drawn = True
+    all_ks = sorted({int(r.effort.get("k", 0)) for run in runs.values() for r in run["results"]
+                     if r.family == "injection"})
+    styles = ("-", "--", ":", "-.")
+    for i, (role, run) in enumerate(runs.items()):
+        injected = [r for r in run["results"] if r.family == "injection"]
+        for k in all_ks:  # one line per (model, k): colour = model, line style = k
+            points = sorted((r.x, run["metrics"][f"asr/{r.name}/jbb"]) for r in injected
+                            if int(r.effort.get("k", 0)) == k)
+            if points:
+                ax.plot(*zip(*points), marker="o", color=f"C{i % 10}",
+                        linestyle=styles[all_ks.index(k) % len(styles)], label=f"{role}, k={k}")
+                drawn = True
     if not drawn:
         return None
-    ax.set_xlabel("injection step s (tokens the model wrote first)")
+    ax.set_xlabel("injection step s (own tokens before the span)")
     ax.set_ylabel("ASR (JBB list)")
     ax.set_ylim(0, 1)
     ax.set_title("depth of safety")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path = out_dir / "depth_of_safety.png"
     fig.savefig(path, dpi=90)
@@ -86,6 +94,38 @@ def _img(path: Path) -> str:
     return f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(path.name)}</figcaption></figure>'
 
 
+def _ci(low, high) -> str:
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return ""
+    return f" <small>[{low:.2f}, {high:.2f}]</small>"
+
+
+def _depth_section(out_dir: Path, runs: dict) -> str:
+    """The claim test of es2.depth: projection at the injection point vs recovery, one row per model role."""
+    analyses = {role: run.get("depth") for role, run in runs.items() if run.get("depth")}
+    if not analyses:
+        return ""
+    rows = []
+    for role, a in analyses.items():
+        for name, s in [("pooled (all s > 0)", a["pooled"]), *a["by_result"].items()]:
+            rows.append(f"<tr><td>{html.escape(role)}</td><td>{html.escape(name)}</td><td>{s['n']}</td>"
+                        f"<td>{_fmt(s['recovery_rate'])}</td><td>{_fmt(s['corr'])}{_ci(s['ci_low'], s['ci_high'])}"
+                        f"</td><td>{_ci(s['boot_low'], s['boot_high']) or '–'}</td><td>{_fmt(s['auc'])}</td>"
+                        f"<td>{html.escape(s['reason'] or '')}</td></tr>")
+    layers = ", ".join(f"{html.escape(r)}: {a['layer']}" for r, a in analyses.items())
+    scatter = out_dir / "depth_projection.png"
+    return f"""<h2 id="depth-projection">Does the refusal direction predict recovery?</h2>
+<p>Claim tested (Park &amp; Kim 2026): the projection of the hidden state at the injection point (last token of
+chat prompt + the model's own s tokens + the injected span) onto the refusal direction (difference of harmful and
+harmless means of the probe-fitting prompts, unit length, measured from their midpoint; layer {layers}) does not
+predict whether the continuation recovers (is a refusal, JBB list). Point-biserial r with Fisher-z and bootstrap
+95% intervals; AUC of the projection as a predictor of recovery (0.5 = no information). An interval that contains
+0 is consistent with the claim. Per-prompt points: depth_projection.json.</p>
+<table><tr><th>model</th><th>injection</th><th>n</th><th>recovered</th><th>r [Fisher 95%]</th>
+<th>bootstrap 95%</th><th>AUC</th><th>note</th></tr>{''.join(rows)}</table>
+{_img(scatter) if scatter.exists() else ''}"""
+
+
 def write_report(out_dir: Path, runs: dict, metrics: dict, plots: dict[str, Path]) -> Path:
     roles = list(runs)
     images = [_plot_asr(out_dir, runs, j) for j in ("jbb", "qi")]
@@ -93,15 +133,15 @@ def write_report(out_dir: Path, runs: dict, metrics: dict, plots: dict[str, Path
     images += ([depth] if depth else []) + list(plots.values())
 
     def scoped(role: str) -> dict:
-        return metrics if role == "model" else {k[len("baseline/"):]: v for k, v in metrics.items()
-                                                if k.startswith("baseline/")}
+        return metrics if role == "model" else {k[len(role) + 1:]: v for k, v in metrics.items()
+                                                if k.startswith(f"{role}/")}
 
     head = "".join(f"<th>{html.escape(r)}<br><small>{html.escape(runs[r]['spec'])}</small></th>" for r in roles)
     attack_rows = "".join(
         f"<tr><td>{html.escape(r.name)}</td>" + "".join(
             f"<td>{_rate(scoped(role), f'asr/{r.name}/{j}')}</td>" for role in roles for j in ("jbb", "qi"))
         + "</tr>" for r in runs["model"]["results"])
-    effort_keys = sorted({k for k in metrics if k.startswith("effort/") and not k.startswith("baseline/")})
+    effort_keys = sorted({k for k in metrics if k.startswith("effort/")})  # the model's (roles are prefixed)
     effort_rows = "".join(f"<tr><td>{html.escape(k[7:])}</td>" + "".join(
         f"<td>{_fmt(scoped(role).get(k))}</td>" for role in roles) + "</tr>" for k in effort_keys)
     other_rows = "".join(f"<tr><td>{html.escape(label)}</td>" + "".join(
@@ -124,6 +164,7 @@ Attacks are white-box and fitted against each model.</p>
 <h2>Attack effort (higher = harder to attack)</h2><table><tr><th>figure</th>{head}</tr>{effort_rows}</table>
 <h2>Refusal, capability and geometry</h2><table><tr><th>metric</th>{head}</tr>{other_rows}</table>
 <ul>{capability}</ul>
+{_depth_section(out_dir, runs)}
 <h2>Plots</h2>{''.join(_img(p) for p in images)}
 <p>Per-example prompts, generations and judgements: examples.jsonl. Flat metrics: metrics.json.</p>
 </body></html>"""

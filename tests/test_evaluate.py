@@ -13,7 +13,7 @@ from tests.conftest import FIXTURES, REPO
 BUDGET = ("evaluate.limit=4", "evaluate.max_new_tokens=6", "evaluate.batch_size=4", "evaluate.layers=[1,2]",
           "evaluate.softprompt_prompts=1", "evaluate.softprompt_steps=2", "evaluate.gcg_prompts=1",
           "evaluate.gcg_steps=2", "evaluate.gcg_search_width=8", "evaluate.gcg_topk=8",
-          "evaluate.prefill_tokens=[2]", "evaluate.injection_steps=[0,2]", "evaluate.injection_tokens=2",
+          "evaluate.prefill_tokens=[2]", "evaluate.injection_steps=[0,2]", "evaluate.injection_tokens=[2]",
           "evaluate.repe_coefficients=[1,8]", "evaluate.scav_min_accuracy=0.0", "evaluate.scav_budgets=[0.5]")
 
 
@@ -47,7 +47,7 @@ def test_evaluate_writes_metrics_examples_plots_and_a_report(tiny_model_dir, tmp
     metrics = run_evaluate(params, tmp_path / "out", str(tiny_model_dir), str(tiny_model_dir),
                            str(paths["harmful"]), str(paths["harmless"]))
     out = tmp_path / "out"
-    for family in ("direct", "template_novelist", "prefill_k2", "injection_s0", "injection_s2", "scav",
+    for family in ("direct", "template_novelist", "prefill_k2", "injection_s0_k2", "injection_s2_k2", "scav",
                    "scav_budget0.5", "repe_c1", "softprompt", "gcg"):
         assert 0.0 <= metrics[f"asr/{family}/jbb"] <= 1.0, family
         assert f"baseline/asr/{family}/qi" in metrics
@@ -58,12 +58,13 @@ def test_evaluate_writes_metrics_examples_plots_and_a_report(tiny_model_dir, tmp
     assert all(not isinstance(v, (list, dict)) for v in saved.values())  # flat, for `dvc metrics`
     examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
     assert {e["role"] for e in examples} == {"model", "baseline"} and all("generation" in e for e in examples)
-    assert (out / "depth.csv").read_text().startswith("model,judge,step,asr")
-    for png in ("asr_jbb.png", "depth_of_safety.png", "pca_layer1.png"):
+    assert (out / "depth.csv").read_text().startswith("model,judge,step,k,asr\nmodel,jbb,0,2,")
+    for png in ("asr_jbb.png", "depth_of_safety.png", "pca_layer1.png", "depth_projection.png"):
         assert (out / png).stat().st_size > 1000
+    assert {"depth/projection_corr", "depth/projection_auc", "baseline/depth/projection_corr"} <= set(metrics)
     parser = _Tags()
     parser.feed((out / "report.html").read_text())
-    assert parser.tags.count("table") == 3 and parser.tags.count("img") >= 4
+    assert parser.tags.count("table") == 4 and parser.tags.count("img") >= 5  # + the depth-projection section
 
 
 def test_evaluate_cli_on_an_unseen_advbench_csv_with_limit(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -79,3 +80,39 @@ def test_evaluate_cli_on_an_unseen_advbench_csv_with_limit(tiny_model_dir, tmp_p
     assert len([e for e in map(json.loads, (tmp_path / "o/examples.jsonl").read_text().splitlines())
                 if e["attack"] == "direct"]) == 2
     assert "direct" in capsys.readouterr().out
+
+
+def test_evaluate_span_lengths_compare_models_and_the_depth_section(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths, tiny = _prompts(tmp_path), str(tiny_model_dir)
+    code = main(["evaluate", "--params", str(REPO / "params.yaml"), "--model", tiny, "--baseline", tiny,
+                 "--compare", f"{tiny},{tiny}", "--harmful", str(paths["harmful"]), "--benign", str(paths["harmless"]),
+                 "--attacks", "direct,injection", "--out", str(tmp_path / "o"),
+                 *[a for o in (*BUDGET, "evaluate.injection_tokens=[1,2]", "evaluate.depth_bootstrap=100")
+                   for a in ("--set", o)]])
+    assert code == 0
+    out = tmp_path / "o"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for role in ("", "baseline/", "compare1/", "compare2/"):
+        for s in (0, 2):
+            for k in (1, 2):
+                assert 0.0 <= metrics[f"{role}asr/injection_s{s}_k{k}/jbb"] <= 1.0
+        assert f"{role}depth/projection_corr" in metrics and f"{role}geometry/dprime/mean" in metrics
+    assert not any(k.startswith(("asr/injection_s0/", "compare1/compare")) for k in metrics)
+    assert metrics["compare2/asr/injection_s2_k1/jbb"] == metrics["asr/injection_s2_k1/jbb"]  # same model
+    rows = (out / "depth.csv").read_text().splitlines()
+    assert rows[0] == "model,judge,step,k,asr" and len(rows) == 1 + 4 * 2 * 2 * 2  # roles x judges x s x k
+    assert {r.split(",")[0] for r in rows[1:]} == {"model", "baseline", "compare1", "compare2"}
+    projection = json.loads((out / "depth_projection.json").read_text())
+    assert set(projection) == {"claim", "model", "baseline", "compare1", "compare2"}
+    model = projection["model"]
+    assert model["layer"] == 2 and list(model["by_result"]) == ["injection_s2_k1", "injection_s2_k2"]
+    assert model["pooled"]["n"] == 8 and len(model["points"]) == 8
+    pooled = model["pooled"]
+    assert (-1 <= pooled["corr"] <= 1) if pooled["reason"] is None else pooled["corr"] != pooled["corr"]  # NaN
+    page = (out / "report.html").read_text()
+    assert "Does the refusal direction predict recovery?" in page and page.count(tiny) >= 4  # 4 model columns
+    parser = _Tags()
+    parser.feed(page)
+    assert parser.tags.count("table") == 4
+    assert (out / "depth_projection.png").stat().st_size > 1000

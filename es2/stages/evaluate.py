@@ -3,8 +3,13 @@
 `es2 evaluate` with no flags reads params (the DVC stage: the trained adapter against the model training started
 from). With flags it evaluates any model (folder, HF id in the local cache, adapter folder) on any prompt file
 (normalised JSONL or an importable benchmark format). Writes into OUT: metrics.json (flat keys, DVC metrics),
-examples.jsonl (every prompt, generation and judgement), asr.csv and depth.csv (DVC plots), PNG plots and a
-self-contained report.html.
+examples.jsonl (every prompt, generation and judgement), asr.csv and depth.csv (DVC plots; depth.csv has one row
+per model, judge, injection step s and span length k), depth_projection.json (does the refusal-direction projection
+at the injection point predict recovery? see es2.depth), PNG plots and a self-contained report.html.
+
+Roles: `model`, `baseline` (KL, greedy agreement and PCA are taken against it) and `compare1`, `compare2`, ...
+(evaluate.compare / --compare: further models shown side by side). Metrics of a role other than `model` are
+prefixed `<role>/`.
 """
 
 from __future__ import annotations
@@ -106,8 +111,11 @@ def run_attacks(model, tokenizer, harmful: list[dict], probe_sets: tuple[list[st
             results += prompting.prefill(model, tokenizer, prompts, targets, cfg.prefill_tokens, **common)
     if "injection" in cfg.attacks:
         with _Timed("injection"):
-            results += prompting.injection(model, tokenizer, prompts, targets, cfg.injection_steps,
-                                           cfg.injection_tokens, **common)
+            for k in cfg.injection_tokens:  # one name per (s, k): injection_s<s>_k<k>, x = s
+                for result in prompting.injection(model, tokenizer, prompts, targets, cfg.injection_steps, k,
+                                                  **common):
+                    result.name = f"injection_s{int(result.effort['s'])}_k{k}"
+                    results.append(result)
     if {"scav", "repe"} & set(cfg.attacks):
         fit_harmful, fit_harmless = probe_sets
         band = representation.default_band(model.config.num_hidden_layers)  # RepE's band, ~25-45% of depth
@@ -160,7 +168,8 @@ class _Timed:
 
 def evaluate_one(model, tokenizer, harmful, benign, probe_sets, cfg, layers, mc_questions) -> dict:
     """All figures for one model: attack ASRs and efforts, refusal margin, over-refusal, perplexity, MC accuracy,
-    and the pooled states (for geometry and the base-vs-trained comparison)."""
+    the refusal-direction-vs-recovery test on the injection results (es2.depth), and the pooled states (for
+    geometry and the base-vs-trained comparison)."""
     from es2.attacks.representation import last_token_states, smallest_flipping_coefficient
     from es2.capability import benign_text, multiple_choice_accuracy, over_refusal, perplexity
     from es2.generation import generate
@@ -191,6 +200,15 @@ def evaluate_one(model, tokenizer, harmful, benign, probe_sets, cfg, layers, mc_
                             for k, v in over_refusal(borderline, judge).items()})
     examples += [{"attack": "benign", "family": "benign", "prompt": p, "generation": g}
                  for p, g in zip(benign_prompts, benign_answers)]
+    depth = None
+    if any(r.family == "injection" and r.x for r in results):
+        from es2 import depth as depth_test
+
+        with _Timed("depth projection"):
+            depth = depth_test.projection_analysis(
+                model, tokenizer, results, probe_sets, cfg.depth_layer if cfg.depth_layer is not None
+                else depth_test.default_layer(layers), cfg.batch_size, cfg.depth_bootstrap, cfg.seed)
+        metrics.update(depth_test.flat_metrics(depth))
     metrics["capability/perplexity"] = perplexity(model, tokenizer, benign_text())
     accuracy, n = multiple_choice_accuracy(model, tokenizer, mc_questions, cfg.batch_size)
     metrics["capability/mc_accuracy"], metrics["capability/mc_n"] = accuracy, n
@@ -199,7 +217,7 @@ def evaluate_one(model, tokenizer, harmful, benign, probe_sets, cfg, layers, mc_
         last_token_states(model, tokenizer, benign_prompts, layers, cfg.batch_size).values())}
     metrics["seconds"] = round(time.perf_counter() - started, 1)
     return {"metrics": metrics, "examples": examples, "results": results, "states": states,
-            "benign_answers": benign_answers}
+            "benign_answers": benign_answers, "depth": depth}
 
 
 def _csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -208,8 +226,10 @@ def _csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", model: str | None = None,
                  baseline: str | None = "params", harmful: str | None = None, benign: str | None = None,
-                 attacks: list[str] | None = None, limit: int | None = None) -> dict:
-    """Evaluate `model` (and `baseline`, when given) and write the report; returns the flat metrics."""
+                 attacks: list[str] | None = None, limit: int | None = None,
+                 compare: list[str] | None = None) -> dict:
+    """Evaluate `model` (and `baseline`, when given, and each `compare` model: default evaluate.compare) and
+    write the report; returns the flat metrics."""
     import torch
 
     from es2.capability import greedy_agreement, load_mc_csv, mmlu_sample_path, per_token_kl
@@ -232,14 +252,23 @@ def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", mod
     baseline = cfg.baseline if baseline == "params" else baseline
     if baseline:
         specs["baseline"] = baseline
+    for i, spec in enumerate(cfg.compare if compare is None else compare, 1):
+        specs[f"compare{i}"] = spec
     runs, loaded = {}, {}
     for role, spec in specs.items():
         print(f"evaluating {role}: {spec}", flush=True)
         m, tokenizer = load_model(spec, params)
-        loaded[role] = (m, tokenizer)
+        if role in ("model", "baseline"):  # kept for KL and agreement; compare models are dropped after use
+            loaded[role] = (m, tokenizer)
         runs[role] = evaluate_one(m, tokenizer, harmful_rows, benign_rows, probe_sets, cfg, layers, mc_questions)
         runs[role]["spec"] = spec
+        del m
+        if role not in loaded and torch.cuda.is_available():
+            torch.cuda.empty_cache()
     metrics = {**runs["model"]["metrics"], **flatten_report(layer_report(runs["model"]["states"]))}
+    for role in (r for r in runs if r.startswith("compare")):
+        metrics.update({f"{role}/{k}": v for k, v in runs[role]["metrics"].items()})
+        metrics.update({f"{role}/{k}": v for k, v in flatten_report(layer_report(runs[role]["states"])).items()})
     plots = {}
     if "baseline" in runs:
         base = runs["baseline"]
@@ -272,6 +301,8 @@ def _probe_sets(harmful_rows, benign_rows) -> tuple[list[str], list[str]]:
 
 
 def _write_outputs(out_dir: Path, runs: dict, metrics: dict) -> None:
+    from es2.depth import plot_projection
+
     write_jsonl(out_dir / "examples.jsonl", [{"role": role, **e} for role, run in runs.items()
                                              for e in run["examples"]])
     asr_rows, depth_rows = [], []
@@ -280,8 +311,16 @@ def _write_outputs(out_dir: Path, runs: dict, metrics: dict) -> None:
             for judge in JUDGES:
                 asr_rows.append([role, result.name, judge, run["metrics"][f"asr/{result.name}/{judge}"]])
                 if result.family == "injection":
-                    depth_rows.append([role, judge, result.x, run["metrics"][f"asr/{result.name}/{judge}"]])
+                    depth_rows.append([role, judge, int(result.x), int(result.effort["k"]),
+                                       run["metrics"][f"asr/{result.name}/{judge}"]])
     _csv(out_dir / "asr.csv", ["model", "attack", "judge", "asr"], asr_rows)
-    _csv(out_dir / "depth.csv", ["model", "judge", "step", "asr"], depth_rows)
+    _csv(out_dir / "depth.csv", ["model", "judge", "step", "k", "asr"], depth_rows)
+    analyses = {role: run["depth"] for role, run in runs.items() if run.get("depth")}
+    if analyses:
+        write_json(out_dir / "depth_projection.json",
+                   {"claim": "the refusal-direction projection at the injection point does not predict recovery "
+                             "(Park & Kim 2026); recovered = the continuation is a refusal (JBB list)",
+                    **{role: {**a, "spec": runs[role].get("spec")} for role, a in analyses.items()}})
+        plot_projection(out_dir / "depth_projection.png", analyses)
     write_json(out_dir / "metrics.json", {k: v for k, v in metrics.items() if not isinstance(v, list)})
     write_json(out_dir / "intervals.json", {k: v for k, v in metrics.items() if isinstance(v, list)})
