@@ -316,11 +316,13 @@ def _write_outputs(out_dir: Path, runs: dict, metrics: dict) -> None:
     _csv(out_dir / "asr.csv", ["model", "attack", "judge", "asr"], asr_rows)
     _csv(out_dir / "depth.csv", ["model", "judge", "step", "k", "asr"], depth_rows)
     analyses = {role: run["depth"] for role, run in runs.items() if run.get("depth")}
+    # always written (a DVC output): says so when no injection with s > 0 ran
+    write_json(out_dir / "depth_projection.json",
+               {"claim": "the refusal-direction projection at the injection point does not predict recovery "
+                         "(Park & Kim 2026); recovered = the continuation is a refusal (JBB list)",
+                **({role: {**a, "spec": runs[role].get("spec")} for role, a in analyses.items()} if analyses
+                   else {"skipped": "no injection attack with s > 0 was run"})})
     if analyses:
-        write_json(out_dir / "depth_projection.json",
-                   {"claim": "the refusal-direction projection at the injection point does not predict recovery "
-                             "(Park & Kim 2026); recovered = the continuation is a refusal (JBB list)",
-                    **{role: {**a, "spec": runs[role].get("spec")} for role, a in analyses.items()}})
         plot_projection(out_dir / "depth_projection.png", analyses)
     write_json(out_dir / "metrics.json", {k: v for k, v in metrics.items() if not isinstance(v, list)})
     write_json(out_dir / "intervals.json", {k: v for k, v in metrics.items() if isinstance(v, list)})
