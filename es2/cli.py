@@ -197,7 +197,8 @@ def _run(args, argv: list[str] | None = None) -> int:
         from es2.stages.registry import run_register
 
         result = run_register(params, Path("artifacts"))
-        print(f"run {result['run_id']}: registered {result['name']} version {result['version']} (alias challenger)")
+        print(f"run {result['run_id']}: registered {result['model_name']} version {result['version']} "
+              f"({result['model_uri']}, tracking {result['tracking_uri']})")
         return 0
     if args.command == "promote":
         from es2.stages.registry import run_promote
