@@ -156,6 +156,7 @@ class EvaluateParams(Section):
     gcg_search_width: int = Field(64, ge=1)
     gcg_topk: int = Field(64, ge=1)
     mc_csv: str | None = Field(None, description="MMLU-format CSV; default: the packaged sample")
+    judge_model: str | None = Field(None, description="folder of a sequence-classification harm judge (GPU)")
     compare: list[str] = Field([], description="extra model specs evaluated like the baseline (compare1, ...)")
     depth_layer: int | None = Field(None, ge=0, description="refusal-direction layer for the depth claim test; "
                                                            "default the middle of the evaluate layers")

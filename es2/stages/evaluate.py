@@ -70,11 +70,15 @@ def read_prompts(path: str | Path, label: str) -> list[dict]:
     return [r for r in rows if r["label"] == label]
 
 
-def _judged(result, judges=JUDGES) -> tuple[dict, list[dict]]:
-    """ASR per judge with Wilson intervals, and one example row per prompt."""
+def _judged(result, judges=JUDGES, classifier=None) -> tuple[dict, list[dict]]:
+    """ASR per judge with Wilson intervals, and one example row per prompt. Keyword judges count a non-refusal
+    as a success; the optional classifier judge counts a response it calls harmful."""
     from es2.judges import refusal_flags, wilson_interval
 
     flags = {j: refusal_flags(result.generations, j) for j in judges}
+    if classifier is not None:  # stored as "refused" = not harmful, so one rule below serves every judge
+        flags["classifier"] = [not h for h in classifier.harmful(result.prompts, result.generations)]
+        judges = (*judges, "classifier")
     n = len(result.generations)
     metrics = {}
     for judge in judges:
@@ -166,7 +170,8 @@ class _Timed:
             print(f"  {self.what}: {time.perf_counter() - self.start:.0f} s", flush=True)
 
 
-def evaluate_one(model, tokenizer, harmful, benign, probe_sets, cfg, layers, mc_questions) -> dict:
+def evaluate_one(model, tokenizer, harmful, benign, probe_sets, cfg, layers, mc_questions,
+                 classifier=None) -> dict:
     """All figures for one model: attack ASRs and efforts, refusal margin, over-refusal, perplexity, MC accuracy,
     the refusal-direction-vs-recovery test on the injection results (es2.depth), and the pooled states (for
     geometry and the base-vs-trained comparison)."""
@@ -179,7 +184,7 @@ def evaluate_one(model, tokenizer, harmful, benign, probe_sets, cfg, layers, mc_
     results = run_attacks(model, tokenizer, harmful, probe_sets, cfg, layers)
     metrics, examples = {}, []
     for result in results:
-        m, e = _judged(result)
+        m, e = _judged(result, classifier=classifier)
         metrics.update(m)
         examples += e
     repe = [r for r in results if r.family == "repe"]
@@ -248,6 +253,11 @@ def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", mod
     probe_sets = _probe_sets(harmful_rows, benign_rows)
     layers = cfg.layers or params.train.layers
     mc_questions = load_mc_csv(cfg.mc_csv or mmlu_sample_path())
+    classifier = None
+    if cfg.judge_model:
+        from es2.judges import ClassifierJudge
+
+        classifier = ClassifierJudge(cfg.judge_model)
     specs = {"model": model or cfg.model}
     baseline = cfg.baseline if baseline == "params" else baseline
     if baseline:
@@ -260,7 +270,8 @@ def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", mod
         m, tokenizer = load_model(spec, params)
         if role in ("model", "baseline"):  # kept for KL and agreement; compare models are dropped after use
             loaded[role] = (m, tokenizer)
-        runs[role] = evaluate_one(m, tokenizer, harmful_rows, benign_rows, probe_sets, cfg, layers, mc_questions)
+        runs[role] = evaluate_one(m, tokenizer, harmful_rows, benign_rows, probe_sets, cfg, layers, mc_questions,
+                                  classifier)
         runs[role]["spec"] = spec
         del m
         if role not in loaded and torch.cuda.is_available():
