@@ -113,32 +113,11 @@ def point_biserial(projection, recovered, bootstrap: int = 2000, seed: int = 0) 
 
 def raw_last_token_states(model, tokenizer, texts: list[str], layer: int, batch_size: int = 16) -> torch.Tensor:
     """float32 CPU [n, D]: hidden_states[layer] at the last token of each already-rendered text (tokenized
-    without added special tokens, as `generate` does with a prefill). Left padding with position ids from the
-    mask, so a row does not depend on its batch (same scheme as `last_token_states`)."""
-    from es2.generation import _device, _length_order
+    without added special tokens, as `generate` does with a prefill)."""
+    from es2.attacks.representation import states_at_last_token
 
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = _device(model)
-    rows: list[torch.Tensor | None] = [None] * len(ids)
-    order = _length_order([len(x) for x in ids])
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            width = max(len(ids[i]) for i in index)
-            input_ids = torch.full((len(index), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(index), width), dtype=torch.long)
-            for row, i in enumerate(index):
-                input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
-                mask[row, width - len(ids[i]):] = 1
-            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-            hidden = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                           position_ids=position_ids.to(device), use_cache=False,
-                           output_hidden_states=True).hidden_states[layer]
-            states = hidden[:, -1].float().cpu()
-            for row, i in enumerate(index):
-                rows[i] = states[row]
-    return torch.stack(rows) if rows else torch.zeros(0)
+    return states_at_last_token(model, tokenizer, ids, [layer], batch_size)[layer]
 
 
 def refusal_direction(harmful_states: torch.Tensor, harmless_states: torch.Tensor) -> tuple[torch.Tensor,

@@ -106,14 +106,21 @@ def last_token_states(model, tokenizer, prompts: list[str], layers, batch_size: 
                       system: str | None = None) -> dict[int, torch.Tensor]:
     """layer -> float32 CPU [n, D]: the state of the last prompt token (end of the generation prompt).
 
-    Left-padded batches with position ids from the attention mask, so a row's states do not depend on padding;
-    the tokens are the ones generation starts from, so the states equal the prompt pass of `generate`.
+    The tokens are the ones generation starts from, so the states equal the prompt pass of `generate`.
+    """
+    return states_at_last_token(model, tokenizer, _encode(tokenizer, prompts, system), layers, batch_size)
+
+
+def states_at_last_token(model, tokenizer, ids: list[list[int]], layers, batch_size: int = 16
+                         ) -> dict[int, torch.Tensor]:
+    """layer -> float32 CPU [n, D]: hidden_states[layer] at the last of each token-id sequence.
+
+    Left-padded batches with position ids from the attention mask, so a row's states do not depend on padding.
     """
     layers = [int(layer) for layer in layers]
-    ids = _encode(tokenizer, prompts, system)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _device(model)
-    out = {layer: [None] * len(prompts) for layer in layers}
+    out = {layer: [None] * len(ids) for layer in layers}
     order = _length_order([len(x) for x in ids])
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
