@@ -143,3 +143,17 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(workdir):
     assert not (cut / "adapter").exists(), "the run was not interrupted before it finished"
     subprocess.run(_cli(workdir, cut, *steps, resume=True), check=True, env=env, capture_output=True)
     assert _max_diff(_adapter(full), _adapter(cut)) < 1e-5
+
+
+def test_resume_skips_a_checkpoint_left_incomplete_by_an_interrupted_save(tmp_path):
+    from es2.stages.train import last_complete_checkpoint
+
+    for step, state in ((40, '{"global_step": 40}'), (80, None)):  # 80 was being written when the run died
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state:
+            (folder / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-120").mkdir()
+    (tmp_path / "checkpoint-120" / "trainer_state.json").write_text('{"global_st')  # cut mid-write
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-40")
+    assert last_complete_checkpoint(tmp_path / "missing") is None

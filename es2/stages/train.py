@@ -148,6 +148,22 @@ def _save_curve(log_history: list[dict], out_dir: Path) -> None:
     tmp.replace(out_dir / "curve.png")
 
 
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest checkpoint whose save finished. The Trainer writes trainer_state.json last, so a run killed
+    while saving leaves a folder without a readable one; resuming from it would fail, so it is skipped."""
+    import json
+
+    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) \
+        if checkpoints.is_dir() else []
+    for folder in reversed(found):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            return str(folder)
+        except (OSError, ValueError):
+            print(f"skipping incomplete checkpoint {folder} (interrupted while saving)", flush=True)
+    return None
+
+
 def _reload(params: Params, saved: Path, full_finetune: bool):
     """(trained model, reference context factory) loaded from the saved output."""
     from es2.modeling import load_causal_lm
@@ -168,8 +184,6 @@ def _reload(params: Params, saved: Path, full_finetune: bool):
 def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir: str | Path = "artifacts/pairs",
               resume: bool = False) -> dict:
     from peft import LoraConfig, get_peft_model
-    from transformers.trainer_utils import get_last_checkpoint
-
     from es2.geometry import separation_summary, states_and_kl
     from es2.modeling import load_causal_lm
     from es2.trainer import ES2Trainer, precompute_reference
@@ -194,7 +208,7 @@ def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                  target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     checkpoints = out_dir / "checkpoints"
-    last = get_last_checkpoint(str(checkpoints)) if resume and checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints) if resume else None
     if resume and last is None:
         raise ConfigError(f"--resume: no checkpoint under {checkpoints}", "run `es2 train` without --resume")
     if not resume and checkpoints.exists():
