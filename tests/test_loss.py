@@ -411,6 +411,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             r["x_h"], r["x_s"] = r["x_h"] / world, r["x_s"] / world  # the same 1/N, seen on the inputs
             results.append(r)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Gloo aborts ("terminate called without an active exception") when one rank tears its pairs down
+        # while the other still has them in use: both ranks leave the last collective together.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
