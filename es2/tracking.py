@@ -2,10 +2,12 @@
 
 - `log_pipeline_run(params, artifacts_dir)`: one MLflow run per pipeline run (params, per-stage metrics, the
   training curve, plots, the HTML report, DVC hashes and the git commit as tags) with the model logged as an
-  `ES2Model` pyfunc. Idempotent: a finished run with the same `es2.pipeline_key` is reused.
+  `ES2Model` pyfunc. Idempotent: a finished run with the same `es2.pipeline_key` is reused. What the run
+  records is read by `es2.run_record`; this module only sends it.
 - `register(run_id, model_name)`: a new registry version pointed at by the `challenger` alias; idempotent per
   run; a registration that fails midway is rolled back (the version is deleted).
-- `promote(model_name, gates)`: moves `champion` to the challenger only when every gate passes.
+- `promote(model_name, gates)`: moves `champion` to the challenger only when every gate passes (the gate
+  arithmetic is `es2.gates`).
 
 The tracking URI is `MLFLOW_TRACKING_URI` when set, else `sqlite:///mlflow.db` in the working directory with
 artifacts under `mlruns/`. An HTTP server that does not answer is retried with backoff, then reported as an
@@ -17,18 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
-import subprocess
 import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # else it writes ~/.config/mlflow/telemetry.json
 
@@ -40,6 +39,8 @@ from mlflow.exceptions import MlflowException
 
 from es2.errors import ES2Error
 from es2.config import GateParams, RegistryParams
+from es2.gates import Decision, decide
+from es2.run_record import flatten_params, logged_files, pipeline_key, run_metrics, version_tags
 
 KEY_TAG = "es2.pipeline_key"
 MODEL_TAG = "es2.model_uri"
@@ -47,10 +48,6 @@ STATUS_TAG = "es2.registration"  # pending -> complete; the `challenger` alias i
 PROMOTION_TAG = "es2.promotion"
 CHALLENGER, CHAMPION = "challenger", "champion"
 MODEL_NAME_IN_RUN = "model"
-METRIC_STAGES = ("align", "train", "evaluate")
-ARTIFACT_STAGES = ("validation", "pairs", "align", "train", "evaluate")
-ARTIFACT_SUFFIXES = (".png", ".html", ".csv", ".json")
-MAX_ARTIFACT_BYTES = 20 * 2**20
 GENERATION_DEFAULTS = {"max_new_tokens": 32, "batch_size": 16}
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 _log = logging.getLogger(__name__)
@@ -296,115 +293,7 @@ def _model_artifacts(params, artifacts_dir: Path, staging: Path) -> tuple[dict[s
 
 
 # ------------------------------------------------------------------------------------------------------------
-# what a pipeline run logs
-
-
-def flatten_metrics(obj: Any, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of nested dicts/lists as `a/b/0` keys; strings and None are dropped."""
-    out: dict[str, float] = {}
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            out.update(flatten_metrics(value, f"{prefix}/{key}" if prefix else str(key)))
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            out.update(flatten_metrics(value, f"{prefix}/{i}"))
-    elif isinstance(obj, (bool, int, float)) and prefix:
-        out[_metric_key(prefix)] = float(obj)
-    return out
-
-
-def _metric_key(key: str) -> str:
-    key = re.sub(r"[^\w./\- ]", "_", key)
-    return re.sub(r"/+", "/", key).strip("/")[:250]
-
-
-def flatten_params(obj: Any, prefix: str = "") -> dict[str, str]:
-    """params.yaml as `section.key` -> value strings (lists as JSON)."""
-    if isinstance(obj, dict):
-        out: dict[str, str] = {}
-        for key, value in obj.items():
-            out.update(flatten_params(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: (obj if isinstance(obj, str) else json.dumps(obj))[:6000]}
-
-
-def read_curve(path: Path) -> list[tuple[int, str, float]]:
-    """curve.csv rows as (step, column, value), NaN cells skipped."""
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
-        return []
-    header = lines[0].split(",")
-    rows = []
-    for line in lines[1:]:
-        cells = line.split(",")
-        step = int(float(cells[0]))
-        for name, cell in zip(header[1:], cells[1:]):
-            try:
-                value = float(cell)
-            except ValueError:
-                continue
-            if not math.isnan(value):
-                rows.append((step, name, value))
-    return rows
-
-
-def _logged_files(artifacts_dir: Path) -> list[tuple[str, Path]]:
-    files = []
-    for stage in ARTIFACT_STAGES:
-        folder = artifacts_dir / stage
-        if folder.is_dir():
-            files += [(stage, f) for f in sorted(folder.iterdir())
-                      if f.is_file() and f.suffix in ARTIFACT_SUFFIXES and not f.name.startswith(".")
-                      and f.stat().st_size <= MAX_ARTIFACT_BYTES]
-    return files
-
-
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
-                              check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def version_tags(root: Path) -> dict[str, str]:
-    """Data and code versions: DVC hashes (data.dvc, each dvc.lock stage's outs) and the git commit."""
-    import yaml
-
-    tags: dict[str, str] = {}
-    if (root / "data.dvc").exists():
-        for out in (yaml.safe_load((root / "data.dvc").read_text()) or {}).get("outs", []):
-            tags[f"dvc.data.{out.get('path', 'data')}.md5"] = str(out.get("md5"))
-    lock = root / "dvc.lock"
-    if lock.exists():
-        text = lock.read_text()
-        tags["dvc.lock.sha256"] = hashlib.sha256(text.encode()).hexdigest()
-        for stage, spec in ((yaml.safe_load(text) or {}).get("stages") or {}).items():
-            for dep in spec.get("deps", []):
-                if dep.get("path") == "data" and dep.get("md5"):
-                    tags.setdefault("dvc.data.data.md5", str(dep["md5"]))
-            for out in spec.get("outs", []):
-                if out.get("md5"):
-                    tags[f"dvc.{stage}.{out['path']}.md5"] = str(out["md5"])
-    commit = _git(root, "rev-parse", "HEAD")
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags["es2.git_dirty"] = str(bool(_git(root, "status", "--porcelain", "--untracked-files=no")))
-    return tags
-
-
-def pipeline_key(params_json: str, root: Path, artifacts_dir: Path, files: list[Path], base: str) -> str:
-    """hash(params, dvc.lock, the base model reference, every logged file's name and bytes). The files count
-    too, so stages re-run outside DVC (a stale dvc.lock) still make a new run."""
-    digest = hashlib.sha256(params_json.encode())
-    if (root / "dvc.lock").exists():
-        digest.update((root / "dvc.lock").read_bytes())
-    digest.update(base.encode())
-    for path in sorted(files):
-        digest.update(path.relative_to(artifacts_dir).as_posix().encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
+# logging a pipeline run (what it records: es2.run_record)
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -418,16 +307,7 @@ def _log_contents(client: MlflowClient, run_id: str, params_dict: dict, artifact
     flat = flatten_params(params_dict)
     for chunk in _batches([Param(k, v) for k, v in sorted(flat.items())], 100):
         client.log_batch(run_id, params=chunk)
-    metrics = []
-    for stage in METRIC_STAGES:
-        path = artifacts_dir / stage / "metrics.json"
-        if path.exists():
-            values = flatten_metrics(json.loads(path.read_text(encoding="utf-8")))
-            metrics += [Metric(f"{stage}/{k}", v, now, 0) for k, v in values.items()]
-    curve = artifacts_dir / "train" / "curve.csv"
-    if curve.exists():
-        metrics += [Metric(_metric_key(f"train/curve/{name}"), value, now, step)
-                    for step, name, value in read_curve(curve)]
+    metrics = [Metric(key, value, now, step) for key, value, step in run_metrics(artifacts_dir)]
     for chunk in _batches(metrics, 1000):
         client.log_batch(run_id, metrics=chunk)
     for stage, path in stage_files:
@@ -456,7 +336,7 @@ def log_pipeline_run(params, artifacts_dir: str | Path = "artifacts", *, root: s
 
     params_dict = params.model_dump(mode="json", by_alias=True)
     params_json = json.dumps(params_dict, sort_keys=True)
-    stage_files = _logged_files(artifacts_dir)
+    stage_files = logged_files(artifacts_dir)
     model_files = [f for f in sorted(trained.rglob("*")) if f.is_file()]
     key = pipeline_key(params_json, root, artifacts_dir, [f for _, f in stage_files] + model_files,
                        str(base_model_path(params)))
@@ -619,122 +499,7 @@ def _roll_back(client: MlflowClient, uri: str, reg: RegistryParams, name: str, r
 
 
 # ------------------------------------------------------------------------------------------------------------
-# promotion
-
-
-class GateRow(NamedTuple):
-    gate: str
-    champion: float | None
-    challenger: float | None
-    threshold: str
-    passed: bool
-
-
-@dataclass
-class Decision:
-    """The outcome of `promote`: whether `champion` moved, the gate table and the reasons."""
-
-    promoted: bool
-    model_name: str
-    challenger_version: str | None
-    champion_version: str | None  # the champion before this decision
-    table: list[GateRow] = field(default_factory=list)
-    reasons: list[str] = field(default_factory=list)
-
-    def table_text(self) -> str:
-        def fmt(value):
-            return "-" if value is None else f"{value:.4g}"
-
-        champion = f"champion (v{self.champion_version})" if self.champion_version else "champion (none)"
-        head = ("gate", champion, f"challenger (v{self.challenger_version})", "threshold", "pass")
-        rows = [head] + [(r.gate, fmt(r.champion), fmt(r.challenger), r.threshold,
-                          "yes" if r.passed else "NO") for r in self.table]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        stays = f"v{self.champion_version}" if self.champion_version else "unset"
-        verdict = (f"PROMOTED: '{self.model_name}' v{self.challenger_version} is the champion"
-                   if self.promoted else f"NOT PROMOTED: '{self.model_name}' champion stays {stays}")
-        return "\n".join(lines + ["", verdict] + [f"  - {r}" for r in self.reasons])
-
-
-def _metric(metrics: dict | None, key: str) -> float | None:
-    if metrics is None:
-        return None
-    value = metrics.get(key)
-    return None if value is None or math.isnan(value) else float(value)
-
-
-def dsr(metrics: dict | None, gates: GateParams) -> float | None:
-    """Defence success rate: 1 - mean ASR over the gate's attacks (None when any is missing)."""
-    values = [_metric(metrics, f"evaluate/asr/{a}/{gates.judge}") for a in gates.attacks]
-    return None if metrics is None or any(v is None for v in values) else 1 - sum(values) / len(values)
-
-
-def decide(challenger: dict, champion: dict | None, gates: GateParams) -> tuple[list[GateRow], list[str]]:
-    """Gate table and failure reasons for a challenger's run metrics against the champion's (or none)."""
-    eps = 1e-12
-    rows: list[GateRow] = []
-    reasons: list[str] = []
-    attacks = "+".join(gates.attacks)
-
-    def absolute(gate, key_or_value, limit, higher_is_better, what):
-        cp = key_or_value(champion) if champion is not None else None
-        ch = key_or_value(challenger)
-        threshold = f"{'>=' if higher_is_better else '<='} {limit:g}"
-        ok = ch is not None and (ch >= limit - eps if higher_is_better else ch <= limit + eps)
-        rows.append(GateRow(gate, cp, ch, threshold, ok))
-        if ch is None:
-            reasons.append(f"{gate}: the challenger's run has no {what} metric")
-        elif not ok:
-            side = "below the floor" if higher_is_better else "above the ceiling"
-            reasons.append(f"{gate}: challenger {what} {ch:.4g} is {side} {limit:g}")
-
-    def relative(gate, key_or_value, limit, ratio, what):
-        ch = key_or_value(challenger)
-        threshold = f">= champion x {limit:g}" if ratio else f">= champion {limit:+g}"
-        if champion is None:
-            rows.append(GateRow(gate, None, ch, threshold + " (no champion: skipped)", True))
-            return
-        cp = key_or_value(champion)
-        if ch is None or cp is None:
-            rows.append(GateRow(gate, cp, ch, threshold, False))
-            whose = "the challenger" if ch is None else "the champion"
-            reasons.append(f"{gate}: {whose}'s run has no {what} metric to compare (set the gate to null to "
-                           "skip it)")
-            return
-        if ratio:
-            gain = ch / cp if cp > 0 else (math.inf if ch > 0 else 1.0)
-            ok = gain >= limit - eps
-            detail = f"challenger {what} {ch:.4g} is {gain:.3g}x the champion's {cp:.4g} (needs {limit:g}x)"
-        else:
-            gain = ch - cp
-            ok = gain >= limit - eps
-            detail = f"challenger {what} {ch:.4g} vs champion {cp:.4g}: {gain:+.4g} (needs >= {limit:+g})"
-        rows.append(GateRow(gate, cp, ch, threshold, ok))
-        if not ok:
-            reasons.append(f"{gate}: {detail}")
-
-    def dsr_of(m):
-        return dsr(m, gates)
-
-    if gates.min_dsr is not None:
-        absolute("dsr", dsr_of, gates.min_dsr, True, f"DSR ({attacks}, {gates.judge})")
-    if gates.min_dsr_gain is not None:
-        relative("dsr_gain", dsr_of, gates.min_dsr_gain, False, f"DSR ({attacks}, {gates.judge})")
-    if gates.min_effort_gain is not None:
-        relative("effort_gain", lambda m: _metric(m, "evaluate/effort/scav/shift_norm_mean"),
-                 gates.min_effort_gain, True, "SCAV effort (effort/scav/shift_norm_mean)")
-    if gates.max_kl is not None:
-        absolute("kl", lambda m: _metric(m, "evaluate/capability/kl_to_baseline"), gates.max_kl, False,
-                 "KL to the baseline (capability/kl_to_baseline)")
-    if gates.max_over_refusal is not None:
-        absolute("over_refusal", lambda m: _metric(m, f"evaluate/over_refusal/{gates.judge}/rate"),
-                 gates.max_over_refusal, False, f"over-refusal (over_refusal/{gates.judge}/rate)")
-    if gates.min_mc_accuracy is not None:
-        absolute("mc_accuracy", lambda m: _metric(m, "evaluate/capability/mc_accuracy"),
-                 gates.min_mc_accuracy, True, "MC accuracy (capability/mc_accuracy)")
-    return rows, reasons
+# promotion (the gate decision: es2.gates)
 
 
 def promote(model_name: str, gates: GateParams | None = None, *,

@@ -22,6 +22,7 @@ from es2 import tracking
 from es2.config import Params
 from es2.errors import ES2Error
 from es2.config import GateParams, RegistryParams
+from es2.gates import decide
 
 # Fast retries so the failure paths take about a second; the defaults are 3 retries from 1 s.
 REG = RegistryParams(experiment="es2-tests", retries=2, backoff_seconds=0.2, timeout_seconds=20)
@@ -420,11 +421,11 @@ def test_failing_challenger_never_becomes_champion(on_server, trained, tiny_mode
 def test_decide_gates_without_a_server():
     gates = GateParams(attacks=["direct", "scav"], min_dsr=0.5, min_effort_gain=1.1)
     good = {f"evaluate/{k}": v for k, v in eval_metrics(**GOOD).items() if not isinstance(v, list)}
-    rows, reasons = tracking.decide(good, None, gates)
+    rows, reasons = decide(good, None, gates)
     assert all(r.passed for r in rows) and not reasons  # DSR = 1 - (0.25 + 0.5) / 2 = 0.625
     assert next(r for r in rows if r.gate == "dsr").challenger == pytest.approx(0.625)
     lacking = {k: v for k, v in good.items() if "scav" not in k}
-    rows, reasons = tracking.decide(lacking, good, gates)
+    rows, reasons = decide(lacking, good, gates)
     failed = {r.gate for r in rows if not r.passed}
     assert failed == {"dsr", "dsr_gain", "effort_gain"} and len(reasons) == 3
 

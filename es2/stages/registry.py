@@ -27,7 +27,7 @@ def run_register(params: Params, artifacts_dir: str | Path = "artifacts", root: 
 
 
 def run_promote(params: Params):
-    """Gate the challenger against the champion; returns the `tracking.Decision` (print `table_text()`)."""
+    """Gate the challenger against the champion; returns the `es2.gates.Decision` (print `table_text()`)."""
     from es2 import tracking
 
     reg = params.registry
