@@ -107,12 +107,13 @@ def _check(rows, steps, span_tokens, spans, benign_spans) -> list[int]:
     return steps
 
 
-def _own_tokens(model, tokenizer, prompts: list[str], s_of: list[int], batch_size: int) -> list[str]:
+def _own_tokens(model, tokenizer, prompts: list[str], s_of: list[int], batch_size: int,
+                progress: bool) -> list[str]:
     """The model's own first s_of[i] greedy tokens for prompts[i] (one batched generate per distinct s > 0)."""
     own = [""] * len(prompts)
     for s in sorted(set(s_of) - {0}):
         index = [i for i, si in enumerate(s_of) if si == s]
-        texts = generate(model, tokenizer, [prompts[i] for i in index], s, batch_size, progress=False)
+        texts = generate(model, tokenizer, [prompts[i] for i in index], s, batch_size, progress=progress)
         for i, text in zip(index, texts):
             own[i] = text
     return own
@@ -121,13 +122,14 @@ def _own_tokens(model, tokenizer, prompts: list[str], s_of: list[int], batch_siz
 def build_trajectories(model, tokenizer, rows: list[dict], steps: Sequence[int] = (0, 8, 32),
                        span_tokens: int = 10, spans: Sequence[str] | None = None, seed: int = 0,
                        max_new_tokens: int = 64, batch_size: int = 16,
-                       benign_spans: Sequence[str] | None = None) -> list[dict]:
+                       benign_spans: Sequence[str] | None = None, progress: bool = False) -> list[dict]:
     """One `{"id", "s", "harmful": {prompt, prefix, target}, "harmless": {prompt, prefix, target}}` per pair row
     (rows carry id, harmful, harmless and optionally target), in the order given. See the module docstring.
 
     spans: one harmful text per row to inject (its first `span_tokens` tokens); default the row's `target`.
     benign_spans: one benign text per row for the harmless side; default `BENIGN_SPANS` by row id.
     max_new_tokens: length of the harmless continuation (the harmless target).
+    progress: a progress bar per batched generate (one per distinct s > 0, then the harmless continuations).
     """
     steps = _check(rows, steps, span_tokens, spans, benign_spans)
     if not rows:
@@ -140,11 +142,11 @@ def build_trajectories(model, tokenizer, rows: list[dict], steps: Sequence[int] 
     harmful_span, _ = first_tokens(tokenizer, harmful_src, span_tokens)
     benign_span, _ = first_tokens(tokenizer, benign_src, span_tokens)
     prompts = [r["harmful"] for r in rows] + [r["harmless"] for r in rows]
-    own = _own_tokens(model, tokenizer, prompts, s_of + s_of, batch_size)
+    own = _own_tokens(model, tokenizer, prompts, s_of + s_of, batch_size, progress)
     harmful_prefix = [_join(o, t) for o, t in zip(own[:n], harmful_span)]
     harmless_prefix = [_join(o, t) for o, t in zip(own[n:], benign_span)]
     harmless_target = generate(model, tokenizer, prompts[n:], max_new_tokens, batch_size, prefill=harmless_prefix,
-                               progress=False)
+                               progress=progress)
     out = []
     for i, row in enumerate(rows):
         recovery = _join(harmful_prefix[i], recovery_for(ids[i]))[len(harmful_prefix[i]):]
@@ -215,11 +217,12 @@ def cached_trajectories(cache_key_parts: dict, build: Callable[[], list[dict]]) 
 def trajectories_for(model, tokenizer, rows: list[dict], model_id, steps: Sequence[int] = (0, 8, 32),
                      span_tokens: int = 10, spans: Sequence[str] | None = None, seed: int = 0,
                      max_new_tokens: int = 64, batch_size: int = 16,
-                     benign_spans: Sequence[str] | None = None) -> list[dict]:
+                     benign_spans: Sequence[str] | None = None, progress: bool = False) -> list[dict]:
     """`build_trajectories` through the cache (key from `trajectory_key`)."""
     key = trajectory_key(model_id, rows, steps, span_tokens, seed, spans, max_new_tokens, benign_spans)
     return cached_trajectories(key, lambda: build_trajectories(
-        model, tokenizer, rows, steps, span_tokens, spans, seed, max_new_tokens, batch_size, benign_spans))
+        model, tokenizer, rows, steps, span_tokens, spans, seed, max_new_tokens, batch_size, benign_spans,
+        progress))
 
 
 def trajectory_features(trajectories: list[dict], tokenizer, max_length: int = 256) -> list[dict]:

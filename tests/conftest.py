@@ -46,3 +46,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tests.tiny_model import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def tiny_params(params: dict, model_dir: Path) -> dict:
+    """params.yaml shrunk to seconds on the tiny model: every stage still runs for real (align writes its
+    disabled marker; evaluate runs the direct and injection attacks at one depth, which the depth plot needs)."""
+    params["model"]["name_or_path"] = str(model_dir)
+    params["align"]["enabled"] = False
+    params["train"].update(layers=[1, 2], steps=2, batch_size=4, logging_steps=1, save_steps=2)
+    params["evaluate"].update(model="artifacts/train/adapter", baseline=None, attacks=["direct", "injection"],
+                              injection_steps=[0], injection_tokens=2, limit=2, max_new_tokens=4,
+                              layers=[1, 2])
+    return params

@@ -5,6 +5,8 @@ Every stage runs for real (validate, pairs, align writing its disabled marker, t
 below shrink the work to seconds. About a minute on 2 CPU cores, most of it DVC and Python start-up.
 """
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -15,10 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_params
 
 TRACKED = ["dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", "dvc-store", "es2"]
-EXPERIMENTS = {"kl05": "train.kl_weight=0.5", "kl2": "train.kl_weight=2.0"}
+# name -> `dvc exp run -S` override; "traj" switches train.method in params (issue 6: the trajectory method runs
+# through `dvc repro`, which `dvc exp run` is)
+EXPERIMENTS = {"kl05": "train.kl_weight=0.5", "kl2": "train.kl_weight=2.0", "traj": "train.method=es2_trajectory"}
+KL_EXPERIMENTS = ("kl05", "kl2")
 
 
 def _env(root: Path) -> dict:
@@ -36,17 +41,6 @@ def _sh(*cmd, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
         tail = f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
         raise AssertionError(f"{cmd} failed ({done.returncode}):\n{tail}")
     return done
-
-
-def _tiny_params(params: dict, model_dir: Path) -> dict:
-    params["model"]["name_or_path"] = str(model_dir)
-    params["align"]["enabled"] = False
-    params["train"].update(layers=[1, 2], steps=2, batch_size=4, logging_steps=1, save_steps=2)
-    # injection at one depth: the evaluate stage declares depth_of_safety.png, drawn from injection results
-    params["evaluate"].update(model="artifacts/train/adapter", baseline=None, attacks=["direct", "injection"],
-                              injection_steps=[0], injection_tokens=2, limit=2, max_new_tokens=4,
-                              layers=[1, 2])
-    return params
 
 
 def _cached_outs(root: Path) -> list[str]:
@@ -72,7 +66,7 @@ def project(tmp_path_factory, tiny_model_dir):
     (root / ".dvc/.gitignore").write_text("/config.local\n/tmp\n/cache\n")
     (root / ".gitignore").write_text("__pycache__/\n")
     params_file = root / "params.yaml"
-    tiny = _tiny_params(yaml.safe_load(params_file.read_text()), tiny_model_dir)
+    tiny = tiny_params(yaml.safe_load(params_file.read_text()), tiny_model_dir)
     params_file.write_text(yaml.safe_dump(tiny, sort_keys=False))
     _sh("git", "init", "-q", cwd=root)
     _sh("git", "add", "-A", cwd=root)
@@ -83,13 +77,15 @@ def project(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def experiments(project):
-    """Run both experiments once for the module; returns {name: experiment commit}."""
+    """Run each experiment once for the module; returns {name: experiment commit}."""
     first = _sh("dvc", "exp", "run", "-n", "kl05", "-S", EXPERIMENTS["kl05"], cwd=project).stdout
     for stage in ("validate", "pairs", "align", "train", "evaluate"):
         assert f"Running stage '{stage}'" in first, first
     assert (project / "artifacts/align/adapter/DISABLED.txt").exists()  # align.enabled: false left its marker
     second = _sh("dvc", "exp", "run", "-n", "kl2", "-S", EXPERIMENTS["kl2"], cwd=project).stdout
     assert "Running stage 'train'" in second and "Running stage 'pairs'" not in second, second
+    third = _sh("dvc", "exp", "run", "-n", "traj", "-S", EXPERIMENTS["traj"], cwd=project).stdout
+    assert "Running stage 'train'" in third and "Running stage 'evaluate'" in third, third
     refs = {}
     for line in _sh("git", "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps", cwd=project
                     ).stdout.splitlines():
@@ -101,17 +97,31 @@ def experiments(project):
 
 def test_exp_run_applies_params_and_writes_every_stage(project, experiments):
     params = yaml.safe_load((project / "params.yaml").read_text())
-    assert params["train"]["kl_weight"] == 2.0  # the last experiment's results are applied to the workspace
+    assert params["train"]["method"] == "es2_trajectory"  # the last experiment's results are applied to the workspace
     for name, rev in experiments.items():
         at_rev = yaml.safe_load(_sh("git", "show", f"{rev}:params.yaml", cwd=project).stdout)
-        assert at_rev["train"]["kl_weight"] == float(EXPERIMENTS[name].split("=")[1])
+        if name in KL_EXPERIMENTS:
+            assert at_rev["train"]["kl_weight"] == float(EXPERIMENTS[name].split("=")[1])
         lock = yaml.safe_load(_sh("git", "show", f"{rev}:dvc.lock", cwd=project).stdout)
         assert {"validate", "pairs", "align", "train", "evaluate"} <= set(lock["stages"])
     assert json.loads((project / "artifacts/train/metrics.json").read_text())
     assert json.loads((project / "artifacts/evaluate/metrics.json").read_text())
 
 
-def test_exp_show_lists_both_experiments(project, experiments):
+def test_switching_train_method_in_params_trains_on_trajectories(project, experiments):
+    """The "traj" experiment trained with recovery after injected spans: its metrics name the method and its
+    curve logs the recovery term (the refusal CE column), which the ES2-only experiments leave at zero."""
+    def at(rev: str, path: str) -> str:
+        return _sh("git", "show", f"{rev}:{path}", cwd=project).stdout
+
+    assert json.loads(at(experiments["traj"], "artifacts/train/metrics.json"))["method"] == "es2_trajectory"
+    assert json.loads(at(experiments["kl2"], "artifacts/train/metrics.json"))["method"] == "es2"
+    recovery = [float(row["loss_refusal"]) for row in csv.DictReader(
+        io.StringIO(at(experiments["traj"], "artifacts/train/curve.csv")))]
+    assert recovery and all(r > 0 for r in recovery)
+
+
+def test_exp_show_lists_all_experiments(project, experiments):
     shown = json.loads(_sh("dvc", "exp", "show", "--json", cwd=project).stdout)
     text = json.dumps(shown)
     for name, rev in experiments.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_params
 
 DEPLOYMENT = "es2-pipeline/nightly"
 STAGES = ["validate", "pairs"]
@@ -40,11 +40,12 @@ def _sh(*cmd, cwd, env=None):
     return done.stdout
 
 
-def make_project(root: Path) -> Path:
-    """git + DVC repo with the validate and pairs stages of the real dvc.yaml and the sample data pulled."""
+def make_project(root: Path, stages: list[str] = STAGES, tiny_model: Path | None = None) -> Path:
+    """git + DVC repo with `stages` of the real dvc.yaml and the sample data pulled; with `tiny_model`, params
+    shrunk to run on it (`tests.conftest.tiny_params`)."""
     root.mkdir(parents=True)
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {s: dvc_yaml["stages"][s] for s in STAGES}}))
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {s: dvc_yaml["stages"][s] for s in stages}}))
     for rel in ["params.yaml", "data.dvc", ".dvc/config", "dvc-store", "es2"]:
         src, dst = REPO / rel, root / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +53,9 @@ def make_project(root: Path) -> Path:
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, dst)
+    if tiny_model is not None:
+        params = tiny_params(yaml.safe_load((root / "params.yaml").read_text()), tiny_model)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".dvc/.gitignore").write_text("/config.local\n/tmp\n/cache\n")
     (root / ".gitignore").write_text("/data\n/artifacts\n/.es2\n")
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
@@ -208,6 +212,20 @@ def test_overrides_run_as_dvc_experiments(api_url, project):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["pairs"]["params"]["params.yaml"]["pairs"]["seed"] == 1
     assert _sh("git", "for-each-ref", "refs/exps", cwd=project).strip()  # recorded as experiments
+
+
+def test_switching_train_method_trains_on_trajectories_through_the_flow(api_url, workdir, tiny_model_dir):
+    """Issue 6: `train.method` switched by a flow parameter runs the trajectory method through DVC (tiny model)."""
+    from flows.pipeline import pipeline
+
+    stages = ["validate", "pairs", "align", "train"]
+    project = make_project(workdir / "train-project", stages, tiny_model_dir)
+    result = pipeline(repo=str(project), stages=stages, register=False,
+                      params_overrides={"train": {"method": "es2_trajectory"}})
+    assert result["stages"] == {stage: "ran" for stage in stages}
+    assert json.loads((project / "artifacts/train/metrics.json").read_text())["method"] == "es2_trajectory"
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["method"] == "es2_trajectory"
 
 
 def test_data_rev_checks_out_and_pulls_data_first(api_url, project):

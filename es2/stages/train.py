@@ -67,12 +67,11 @@ def trajectory_features(params: Params, model, tokenizer, rows: list[dict]) -> l
         spans = trajectories.harmful_spans_from_base(base, base_tokenizer, [r["harmful"] for r in rows],
                                                      cfg.trajectory_span_tokens)
         del base
-    key = {"model": base_model_path(params), "rows": [(r["id"], r["harmful"], r["harmless"]) for r in rows],
-           "steps": cfg.trajectory_steps, "span_tokens": cfg.trajectory_span_tokens, "seed": cfg.seed,
-           "spans": spans, "continuation": cfg.trajectory_continuation_tokens}
-    built = trajectories.cached_trajectories(key, lambda: trajectories.build_trajectories(
-        model, tokenizer, rows, cfg.trajectory_steps, cfg.trajectory_span_tokens, spans, cfg.seed,
-        max_new_tokens=cfg.trajectory_continuation_tokens))
+    # keyed by the model's files (align rebuilds its folder in place), the rows with their targets, every option
+    built = trajectories.trajectories_for(
+        model, tokenizer, rows, trajectories.model_identity(base_model_path(params), params.model.revision),
+        cfg.trajectory_steps, cfg.trajectory_span_tokens, spans, cfg.seed,
+        max_new_tokens=cfg.trajectory_continuation_tokens, progress=True)
     return trajectories.trajectory_features(built, tokenizer, cfg.max_length)
 
 
