@@ -109,7 +109,7 @@ class TrainParams(Section):
     trajectory_span_tokens: int = Field(10, ge=1, description="k: tokens of the injected span")
     trajectory_continuation_tokens: int = Field(24, ge=1, description="harmless trajectories' own continuation")
     trajectory_spans: Literal["target", "base_model"] = Field(
-        "base_model", description="injected harmful spans: the records' target prefix, or answers of the "
+        "target", description="injected harmful spans: the records' target prefix, or answers of the "
                                   "not-yet-aligned model.name_or_path (it complies)")
     full_finetune: bool = False
     lora: LoraParams = LoraParams()

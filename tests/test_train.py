@@ -93,9 +93,11 @@ def test_es2_training_moves_lora_only_and_separates_heldout_prompts(workdir):
                                     "trajectory"])
 def test_baselines_train_under_the_same_harness(workdir, method):
     out = workdir / method
+    spans = "base_model" if method == "trajectory" else "target"  # each source of injected spans runs once
     params = load_params(REPO / "params.yaml", _overrides(workdir, f"train.method={method}", "train.steps=3",
                                                           "train.batch_size=4", "train.trajectory_steps=[0,2]",
-                                                          "train.trajectory_span_tokens=2"))
+                                                          "train.trajectory_span_tokens=2",
+                                                          f"train.trajectory_spans={spans}"))
     metrics = run_train(params, out, workdir / "pairs")
     assert metrics["method"] == method and torch.isfinite(torch.tensor(metrics["final_train_loss"]))
     assert (out / "adapter" / "adapter_model.safetensors").exists()
