@@ -58,10 +58,16 @@ def _plot_asr(out_dir: Path, runs: dict, judge: str) -> Path:
     return path
 
 
+def _legend_name(role: str, run: dict) -> str:
+    """The role with the last two parts of the model's path or id (e.g. "compare1: es2/adapter")."""
+    spec = run.get("spec")
+    return f"{role}: {'/'.join(Path(spec).parts[-2:])}" if spec else role
+
+
 def _plot_depth(out_dir: Path, runs: dict) -> Path | None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5, 3.4))
+    fig = Figure(figsize=(7.5, 3.4))
     ax = fig.subplots()
     drawn = False
     all_ks = sorted({int(r.effort.get("k", 0)) for run in runs.values() for r in run["results"]
@@ -73,16 +79,17 @@ def _plot_depth(out_dir: Path, runs: dict) -> Path | None:
             points = sorted((r.x, run["metrics"][f"asr/{r.name}/jbb"]) for r in injected
                             if int(r.effort.get("k", 0)) == k)
             if points:
-                ax.plot(*zip(*points), marker="o", color=f"C{i % 10}",
-                        linestyle=styles[all_ks.index(k) % len(styles)], label=f"{role}, k={k}")
+                style = styles[all_ks.index(k) % len(styles)]
+                ax.plot(*zip(*points), marker="o", color=f"C{i % 10}", linestyle=style,
+                        label=f"{_legend_name(role, run)}, k={k}")
                 drawn = True
     if not drawn:
         return None
     ax.set_xlabel("injection step s (own tokens before the span)")
     ax.set_ylabel("ASR (JBB list)")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(-0.03, 1.03)  # lines at exactly 0 and 1 stay visible
     ax.set_title("depth of safety")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, handlelength=3.5, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside, not over, lines
     fig.tight_layout()
     path = out_dir / "depth_of_safety.png"
     fig.savefig(path, dpi=90)
