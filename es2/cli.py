@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
 
     ev = add(sub, "evaluate", "evaluate", "attack, judge and measure a model (any model, any prompt file)")
-    ev.add_argument("--model", help="model folder, HF id or adapter folder (default: evaluate.model)")
+    ev.add_argument("--model", help="model folder, HF id, adapter folder, or registered model "
+                                    "models:/NAME@ALIAS or models:/NAME/VERSION (default: evaluate.model)")
     ev.add_argument("--harmful", help="harmful prompts: normalised JSONL or an importable CSV/JSON")
     ev.add_argument("--benign", help="benign prompts (default: data.eval_harmless)")
     ev.add_argument("--baseline", default="params", help="model to compare with; 'none' for no comparison")

@@ -129,7 +129,8 @@ class TrainParams(Section):
 class EvaluateParams(Section):
     """Safety and capability evaluation (es2 evaluate). Attack budgets are per model evaluated."""
 
-    model: str = Field("artifacts/train/adapter", description="a model folder, HF id or adapter folder")
+    model: str = Field("artifacts/train/adapter", description="a model folder, HF id, adapter folder or "
+                                                             "models:/NAME@ALIAS | models:/NAME/VERSION")
     baseline: str | None = Field("train-base", description="train-base = the model training started from")
     harmful: str | None = Field(None, description="default: data.eval_harmful")
     benign: str | None = Field(None, description="default: data.eval_harmless")

@@ -114,8 +114,11 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
 
 
 def load_causal_lm(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
-                   dtype: str = "float32"):
-    """Load (model, tokenizer); anything that is not a causal LM fails with a message naming the path."""
+                   dtype: str = "float32", tokenizer_from: str | None = None):
+    """Load (model, tokenizer); anything that is not a causal LM fails with a message naming the path.
+
+    `tokenizer_from`: the tokenizer's folder when it is not beside the weights (as in a registered model).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -131,4 +134,4 @@ def load_causal_lm(name_or_path: str, revision: str | None = None, trust_remote_
                          "use a decoder-only chat model (Llama, Qwen2, Mistral, SmolLM, ...)")
     model = AutoModelForCausalLM.from_pretrained(resolved, revision=revision, trust_remote_code=trust_remote_code,
                                                  dtype=getattr(torch, dtype))
-    return model, load_tokenizer(name_or_path, revision, trust_remote_code)
+    return model, load_tokenizer(tokenizer_from or name_or_path, revision, trust_remote_code)

@@ -8,6 +8,8 @@
   run; a registration that fails midway is rolled back (the version is deleted).
 - `promote(model_name, gates)`: moves `champion` to the challenger only when every gate passes (the gate
   arithmetic is `es2.gates`).
+- `download_model("models:/NAME@ALIAS" | "models:/NAME/VERSION")`: the registered model's `base`, `tokenizer`
+  and `adapter` folders, downloaded once per version into `$ES2_CACHE/registry/` (for `es2 evaluate`).
 
 The tracking URI is `MLFLOW_TRACKING_URI` when set, else `sqlite:///mlflow.db` in the working directory with
 artifacts under `mlruns/`. An HTTP server that does not answer is retried with backoff, then reported as an
@@ -37,7 +39,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from es2.errors import ES2Error
+from es2.errors import ConfigError, ES2Error
 from es2.config import GateParams, RegistryParams
 from es2.gates import Decision, decide
 from es2.run_record import flatten_params, logged_files, pipeline_key, run_metrics, version_tags
@@ -78,7 +80,11 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     db = _sqlite_file(uri)
     if db is None:
         return None
-    return (db.resolve().parent / "mlruns" / re.sub(r"[^\w.-]", "_", experiment)).as_uri()
+    return (db.resolve().parent / "mlruns" / _safe_name(experiment)).as_uri()
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w.-]", "_", name)
 
 
 def _fix(uri: str) -> str:
@@ -394,6 +400,17 @@ def _alias_version(client: MlflowClient, name: str, alias: str):
         raise
 
 
+def _require_registered_model(client: MlflowClient, name: str, uri: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
+            raise ES2Error(f"no registered model '{name}' at {uri}",
+                           "run `es2 register` first, or point MLFLOW_TRACKING_URI at the registry holding it"
+                           ) from exc
+        raise
+
+
 def _versions_of_run(client: MlflowClient, name: str, run_id: str) -> list:
     return list(client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
 
@@ -508,13 +525,7 @@ def promote(model_name: str, gates: GateParams | None = None, *,
     reg = registry or RegistryParams()
     gates = gates or reg.gates
     with _session(reg) as (client, uri), _guard(uri, f"promoting '{model_name}'"):
-        try:
-            client.get_registered_model(model_name)
-        except MlflowException as exc:
-            if exc.error_code in _MISSING:
-                raise ES2Error(f"no registered model '{model_name}' at {uri}",
-                               "run `es2 register` first") from exc
-            raise
+        _require_registered_model(client, model_name, uri)
         challenger = _alias_version(client, model_name, CHALLENGER)
         if challenger is None:
             raise ES2Error(f"'{model_name}' has no '{CHALLENGER}' version at {uri}",
@@ -548,3 +559,86 @@ def alias_version(model_name: str, alias: str, *, registry: RegistryParams | Non
     with _session(reg) as (client, uri), _guard(uri, f"reading alias '{alias}' of '{model_name}'"):
         version = _alias_version(client, model_name, alias)
         return None if version is None else str(version.version)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# downloading a registered model (es2 evaluate --model models:/...)
+
+_REGISTERED_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
+_ALIAS_FIX = {CHAMPION: "run `es2 promote` (it moves champion to the challenger when the gates pass)",
+              CHALLENGER: "run `es2 register`"}
+
+
+def download_model(model_uri: str, registry: RegistryParams | None = None) -> dict[str, Path]:
+    """Local folders of a registered es2 model, keyed as logged: `base`, `tokenizer` and, when LoRA-trained,
+    `adapter`. `model_uri` is `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
+
+    The alias is resolved on every call (it moves); the files are downloaded once per version into
+    `$ES2_CACHE/registry/`, into a temp folder beside that is renamed into place only when complete, so an
+    interrupted download is never reused.
+    """
+    from es2.modeling import cache_dir
+
+    match = _REGISTERED_URI.fullmatch(model_uri.strip())
+    if match is None:
+        raise ConfigError(f"{model_uri} is not a registered model URI",
+                          "write models:/NAME@ALIAS (e.g. models:/es2@champion) or models:/NAME/VERSION")
+    name, alias, number = match.group("name", "alias", "version")
+    reg = registry or RegistryParams()
+    try:
+        with _session(reg) as (client, uri), _guard(uri, "downloading the model"):
+            version = _registered_version(client, uri, name, alias, number)
+            # Keyed by what the version points at, so another registry's "v1" never hits this one's files.
+            digest = hashlib.sha256(f"{version.run_id}|{version.source}".encode()).hexdigest()[:12]
+            target = cache_dir() / "registry" / f"{_safe_name(name)}-v{version.version}-{digest}"
+            if not target.is_dir():
+                _download_once(f"models:/{name}/{version.version}", target, uri)
+        return _pyfunc_artifacts(target)
+    except ES2Error as exc:  # evaluate loads several models: say which one failed
+        raise type(exc)(f"{model_uri}: {exc.problem}", exc.hint) from exc
+
+
+def _registered_version(client: MlflowClient, uri: str, name: str, alias: str | None, number: str | None):
+    _require_registered_model(client, name, uri)
+    if alias is not None:
+        version = _alias_version(client, name, alias)
+        if version is None:
+            raise ES2Error(f"no version of '{name}' has alias '{alias}' at {uri}", _ALIAS_FIX.get(
+                alias, f"use models:/{name}@{CHAMPION}, @{CHALLENGER} or models:/{name}/<version>"))
+        return version
+    try:
+        return client.get_model_version(name, number)
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
+            raise ES2Error(f"'{name}' has no version {number} at {uri}",
+                           f"use an existing version (see `mlflow ui`) or models:/{name}@{CHAMPION}") from exc
+        raise
+
+
+def _download_once(source: str, target: Path, uri: str) -> None:
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        downloaded = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging),
+                                                         tracking_uri=uri, registry_uri=uri)
+        try:
+            Path(downloaded).rename(target)
+        except OSError:
+            if not target.is_dir():  # else a concurrent download of the same version finished first
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pyfunc_artifacts(model_dir: Path) -> dict[str, Path]:
+    """The artifact folders as the pyfunc flavor records them (MLflow chooses the layout inside the model)."""
+    from mlflow.models import Model
+
+    flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
+    artifacts = {key: model_dir / entry["path"] for key, entry in flavor.get("artifacts", {}).items()}
+    if not {"base", "tokenizer"} <= artifacts.keys():
+        raise ES2Error("not an es2 model (its pyfunc has no base and tokenizer artifacts)",
+                       "register a pipeline run with `es2 register`")
+    return artifacts

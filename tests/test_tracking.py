@@ -1,5 +1,6 @@
-"""MLflow tracking, registry and gated promotion against a real `mlflow server` on 127.0.0.1 (and once against
-the embedded sqlite store), with a tiny Llama + a perturbed LoRA adapter and realistic stage metrics."""
+"""MLflow tracking, registry, gated promotion and loading registered models for `es2 evaluate`, against a real
+`mlflow server` on 127.0.0.1 and the embedded sqlite store, with a tiny Llama + a perturbed LoRA adapter and
+realistic stage metrics."""
 
 from __future__ import annotations
 
@@ -367,6 +368,93 @@ def test_pyfunc_reloads_exactly_and_generates(on_server, trained, tiny_model_dir
     assert list(out) != generate(model, tokenizer, PROMPTS, max_new_tokens=8, progress=False)  # honoured
     sig = loaded.metadata.get_params_schema()
     assert {p.name for p in sig.params} == {"max_new_tokens", "batch_size"}
+
+
+def _embedded_store(tmp_path, monkeypatch) -> Path:
+    """An sqlite registry and an es2 cache of this test's own; returns the registry download cache."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("ES2_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "registry"
+
+
+def test_evaluate_loads_registered_models_once_per_version(trained, tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+    from peft import PeftModel
+
+    from es2.generation import generate
+    from es2.stages.evaluate import load_model
+
+    cache = _embedded_store(tmp_path, monkeypatch)
+    params, art = pipeline(trained, tiny_model_dir, tmp_path / "a")
+    run_id = tracking.log_pipeline_run(params, art, root=tmp_path / "a", registry=REG)
+    tracking.register(run_id, "tiny-eval", registry=REG)
+    assert tracking.promote("tiny-eval", registry=REG).promoted
+    downloads = []
+    download = mlflow.artifacts.download_artifacts
+
+    def counted(**kwargs):
+        downloads.append(kwargs["artifact_uri"])
+        return download(**kwargs)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counted)
+    local, local_tokenizer = load_model(str(art / "train" / "adapter"), params)
+    batch = local_tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = local(**batch).logits
+        with local.disable_adapter():
+            assert (local(**batch).logits - expected).abs().max() > 1e-3  # so a missing adapter would show
+    greedy = generate(local, local_tokenizer, PROMPTS, max_new_tokens=4, progress=False)
+    for spec in ("models:/tiny-eval@champion", "models:/tiny-eval/1", "models:/tiny-eval@challenger"):
+        model, tokenizer = load_model(spec, params)
+        assert isinstance(model, PeftModel)
+        with torch.no_grad():
+            assert (model(**batch).logits - expected).abs().max() < 1e-6
+        assert generate(model, tokenizer, PROMPTS, max_new_tokens=4, progress=False) == greedy
+    assert downloads == ["models:/tiny-eval/1"]  # all three name version 1: downloaded once
+
+    log_and_register(trained, tiny_model_dir, tmp_path / "b", "tiny-eval", asr=0.1)
+    load_model("models:/tiny-eval@challenger", params)  # the alias moved to version 2
+    assert downloads == ["models:/tiny-eval/1", "models:/tiny-eval/2"]
+    cached = sorted(p.name for p in cache.iterdir())
+    assert [name.rsplit("-", 1)[0] for name in cached] == ["tiny-eval-v1", "tiny-eval-v2"]
+
+
+def test_registered_model_errors_name_the_uri_and_the_fix(trained, tiny_model_dir, tmp_path, monkeypatch):
+    from es2.errors import ConfigError
+
+    cache = _embedded_store(tmp_path, monkeypatch)
+    log_and_register(trained, tiny_model_dir, tmp_path, "tiny-errors")
+    for uri, words in (
+            ("models:/tiny-errors@champion", ["alias 'champion'", "es2 promote"]),
+            ("models:/tiny-errors@nightly", ["alias 'nightly'", "models:/tiny-errors/<version>"]),
+            ("models:/tiny-errors/9", ["no version 9"]),
+            ("models:/tiny-nowhere@challenger", ["no registered model 'tiny-nowhere'", "es2 register"])):
+        with pytest.raises(ES2Error) as err:
+            tracking.download_model(uri, REG)
+        assert all(w in str(err.value) for w in [uri, *words]), str(err.value)
+    with pytest.raises(ConfigError, match="models:/NAME@ALIAS"):
+        tracking.download_model("models:/tiny-errors", REG)
+
+    download = mlflow.artifacts.download_artifacts
+
+    def interrupted(artifact_uri, dst_path, **kwargs):
+        (Path(dst_path) / "MLmodel").write_text("flavors: {}\n")  # a partial download
+        raise OSError("connection reset mid-download")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", interrupted)
+    with pytest.raises(ES2Error, match="models:/tiny-errors@challenger: .*connection reset"):
+        tracking.download_model("models:/tiny-errors@challenger", REG)
+    assert list(cache.iterdir()) == []  # nothing left that a later call could trust
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download)
+    folders = tracking.download_model("models:/tiny-errors@challenger", REG)
+    assert set(folders) == {"base", "adapter", "tokenizer"}
+    assert (folders["adapter"] / "adapter_config.json").exists() and (folders["base"] / "config.json").exists()
+
+    down = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
+    with pytest.raises(ES2Error) as err:
+        tracking.download_model("models:/tiny-errors@challenger", REG)
+    assert all(w in str(err.value) for w in ("models:/tiny-errors@challenger", down, "unreachable"))
 
 
 def test_register_is_idempotent(on_server, trained, tiny_model_dir, tmp_path):

@@ -1,11 +1,12 @@
 """The `evaluate` stage: white-box attacks, keyword judges, geometry and capability, for any model on any data.
 
-`es2 evaluate` with no flags reads params (the DVC stage: the trained adapter against the model training started
-from). With flags it evaluates any model (folder, HF id in the local cache, adapter folder) on any prompt file
-(normalised JSONL or an importable benchmark format). Writes into OUT: metrics.json (flat keys, DVC metrics),
-examples.jsonl (every prompt, generation and judgement), asr.csv and depth.csv (DVC plots; depth.csv has one row
-per model, judge, injection step s and span length k), depth_projection.json (does the refusal-direction projection
-at the injection point predict recovery? see es2.depth), PNG plots and a self-contained report.html.
+`es2 evaluate` with no flags reads params (the DVC stage: the trained adapter against the model training
+started from). With flags it evaluates any model (folder, HF id in the local cache, adapter folder, or a
+registered model `models:/NAME@ALIAS` / `models:/NAME/VERSION`) on any prompt file (normalised JSONL or an
+importable benchmark format). Writes into OUT: metrics.json (flat keys, DVC metrics), examples.jsonl (every
+prompt, generation and judgement), asr.csv and depth.csv (DVC plots; depth.csv has one row per model, judge,
+injection step s and span length k), depth_projection.json (does the refusal-direction projection at the
+injection point predict recovery? see es2.depth), PNG plots and a self-contained report.html.
 
 Roles: `model`, `baseline` (KL, greedy agreement and PCA are taken against it) and `compare1`, `compare2`, ...
 (evaluate.compare / --compare: further models shown side by side). Metrics of a role other than `model` are
@@ -19,34 +20,44 @@ import time
 from pathlib import Path
 
 from es2.config import Params
-from es2.errors import ConfigError, DataError
+from es2.errors import DataError
 from es2.io import write_json, write_jsonl, write_text
 
 JUDGES = ("jbb", "qi")
 
 
 def load_model(spec: str, params: Params):
-    """(model, tokenizer) for a model spec: `train-base`, a folder, an HF id, or a peft adapter folder."""
+    """(model, tokenizer) for a model spec: `train-base`, a folder, an HF id, a peft adapter folder, or a
+    registered model `models:/NAME@ALIAS` / `models:/NAME/VERSION` (downloaded once into the es2 cache)."""
     from es2.modeling import load_causal_lm
 
     if spec == "train-base":
         from es2.stages.train import base_model_path
 
         spec = base_model_path(params)
+    options = {"trust_remote_code": params.model.trust_remote_code, "dtype": params.model.dtype}
     if spec.startswith("models:/"):
-        raise ConfigError(f"{spec}: the MLflow registry is not set up in this version",
-                          "pass a model folder, an adapter folder or an HF id")
+        from es2.tracking import download_model
+
+        folders = download_model(spec, params.registry)
+        model, tokenizer = load_causal_lm(str(folders["base"]), tokenizer_from=str(folders["tokenizer"]),
+                                          **options)
+        return _with_adapter(model, folders.get("adapter")), tokenizer
     adapter_config = Path(spec) / "adapter_config.json"
     if adapter_config.exists():
-        from peft import PeftModel
-
         base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        model, tokenizer = load_causal_lm(base, trust_remote_code=params.model.trust_remote_code,
-                                          dtype=params.model.dtype)
-        return PeftModel.from_pretrained(model, spec).eval(), tokenizer
-    model, tokenizer = load_causal_lm(spec, params.model.revision, params.model.trust_remote_code,
-                                      params.model.dtype)
+        model, tokenizer = load_causal_lm(base, **options)
+        return _with_adapter(model, spec), tokenizer
+    model, tokenizer = load_causal_lm(spec, params.model.revision, **options)
     return model.eval(), tokenizer
+
+
+def _with_adapter(model, adapter: str | Path | None):
+    if adapter is None:
+        return model.eval()
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter)).eval()
 
 
 def read_prompts(path: str | Path, label: str) -> list[dict]:
