@@ -174,9 +174,9 @@ def _run(args, argv: list[str] | None = None) -> int:
         baseline = None if args.baseline == "none" else args.baseline
         metrics = run_evaluate(params, args.out, args.model, baseline, args.harmful, args.benign, None, args.limit,
                                args.compare.split(",") if args.compare else None)
-        for key in sorted(k for k in metrics if k.startswith("asr/") and k.endswith("/jbb")):
-            base = metrics.get(f"baseline/{key}")
-            print(f"{key[4:-4]:28s} ASR {metrics[key]:.0%}" + (f"  (baseline {base:.0%})" if base is not None else ""))
+        from es2.report import summary_text
+
+        print(summary_text(metrics))
         print(f"wrote {args.out}/report.html, metrics.json, examples.jsonl")
         return 0
     if args.command in ("run", "serve"):

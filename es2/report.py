@@ -178,3 +178,30 @@ Attacks are white-box and fitted against each model.</p>
     path = out_dir / "report.html"
     write_text(path, page)
     return path
+
+
+def summary_text(metrics: dict) -> str:
+    """What `es2 evaluate` prints: JBB-list ASR per attack with one column per model role, over-refusal on the
+    benign prompts, and per role the depth claim test (correlation of the refusal-direction projection at the
+    injection point with recovery, with its 95% interval)."""
+    roles = ["model"] + sorted({k.split("/", 1)[0] for k in metrics
+                                if k.startswith(("baseline/", "compare")) and "/asr/" in k})
+    key = {role: (lambda k, role=role: k if role == "model" else f"{role}/{k}") for role in roles}
+    attacks = [k[4:-4] for k in metrics if k.startswith("asr/") and k.endswith("/jbb")]  # in the order run
+    lines = [f"{'ASR (JBB list)':28s}" + "".join(f"{role:>11s}" for role in roles)]
+    for attack in attacks:
+        cells = [metrics.get(key[role](f"asr/{attack}/jbb")) for role in roles]
+        lines.append(f"{attack:28s}" + "".join(f"{'–' if v is None else format(v, '.0%'):>11s}" for v in cells))
+    cells = [metrics.get(key[role]("over_refusal/jbb/rate")) for role in roles]
+    lines.append(f"{'over-refusal (benign)':28s}" + "".join(f"{'–' if v is None else format(v, '.0%'):>11s}"
+                                                           for v in cells))
+    for role in roles:
+        corr = metrics.get(key[role]("depth/projection_corr"))
+        if corr is None:
+            continue
+        low, high = (metrics[key[role](f"depth/projection_corr_ci_{end}")] for end in ("low", "high"))
+        rate, n = metrics[key[role]("depth/recovery_rate")], int(metrics[key[role]("depth/projection_n")])
+        why = " (undefined: every or no prompt recovered)" if math.isnan(corr) else ""
+        lines.append(f"depth claim, {role}: projection vs recovery r = {corr:.3f} [{low:.3f}, {high:.3f}], "
+                     f"n {n}, recovery rate {rate:.0%}{why}")
+    return "\n".join(lines)

@@ -116,3 +116,23 @@ def test_evaluate_span_lengths_compare_models_and_the_depth_section(tiny_model_d
     parser.feed(page)
     assert parser.tags.count("table") == 4
     assert (out / "depth_projection.png").stat().st_size > 1000
+
+
+def test_summary_prints_every_role_over_refusal_and_the_depth_claim_with_its_interval():
+    from es2.report import summary_text
+
+    nan = float("nan")
+    metrics = {"asr/direct/jbb": 0.0, "asr/injection_s8_k10/jbb": 0.25, "over_refusal/jbb/rate": 0.125,
+               "depth/projection_corr": -0.02, "depth/projection_corr_ci_low": -0.16,
+               "depth/projection_corr_ci_high": 0.12, "depth/recovery_rate": 0.75, "depth/projection_n": 96,
+               "compare1/asr/direct/jbb": 0.5, "compare1/asr/injection_s8_k10/jbb": 1.0,
+               "compare1/over_refusal/jbb/rate": 0.25, "compare1/depth/projection_corr": nan,
+               "compare1/depth/projection_corr_ci_low": nan, "compare1/depth/projection_corr_ci_high": nan,
+               "compare1/depth/recovery_rate": 0.0, "compare1/depth/projection_n": 96}
+    lines = summary_text(metrics).splitlines()
+    assert lines[0].split()[-2:] == ["model", "compare1"]
+    assert lines[1].split() == ["direct", "0%", "50%"]
+    assert lines[2].split() == ["injection_s8_k10", "25%", "100%"]
+    assert lines[3].split()[-2:] == ["12%", "25%"] and lines[3].startswith("over-refusal")
+    assert "r = -0.020 [-0.160, 0.120], n 96, recovery rate 75%" in lines[4]
+    assert lines[5].startswith("depth claim, compare1") and "undefined" in lines[5]
