@@ -108,9 +108,10 @@ class TrainParams(Section):
                                         description="own tokens s before the injected span (0 = prefilling)")
     trajectory_span_tokens: int = Field(10, ge=1, description="k: tokens of the injected span")
     trajectory_continuation_tokens: int = Field(24, ge=1, description="harmless trajectories' own continuation")
-    trajectory_spans: Literal["target", "base_model"] = Field(
-        "target", description="injected harmful spans: the records' target prefix, or answers of the "
-                                  "not-yet-aligned model.name_or_path (it complies)")
+    trajectory_spans: Literal["target", "response", "base_model"] = Field(
+        "target", description="injected harmful spans: the records' target prefix, the harmful records' "
+                              "`response` (user-supplied harmful answers), or answers of the not-yet-aligned "
+                              "model.name_or_path (it complies)")
     full_finetune: bool = False
     lora: LoraParams = LoraParams()
     lr: float = Field(1e-4, gt=0)

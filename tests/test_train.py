@@ -103,6 +103,31 @@ def test_baselines_train_under_the_same_harness(workdir, method):
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_trajectory_spans_come_from_the_supplied_harmful_responses(workdir, tmp_path):
+    """train.trajectory_spans=response injects each harmful record's own `response` (carried into the pairs);
+    pairs without one are refused by name before any work."""
+    from es2.errors import ConfigError
+    from es2.modeling import cache_dir
+
+    # the tiny tokenizer is character-level: 12 tokens are "zebra quartz"
+    overrides = ("train.method=trajectory", "train.steps=1", "train.batch_size=4", "train.trajectory_steps=[0]",
+                 "train.trajectory_span_tokens=12", "train.trajectory_spans=response")
+    with pytest.raises(ConfigError, match="without a `response`"):
+        run_train(load_params(REPO / "params.yaml", _overrides(workdir, *overrides)), tmp_path / "refused",
+                  workdir / "pairs")
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for name, hs, ss in (("train", HARMFUL[:8], HARMLESS[:8]), ("val", HARMFUL[8:], HARMLESS[8:])):
+        rows = [dict(r, harmful_response=f"zebra quartz {i} then more words")
+                for i, r in enumerate(_pairs(hs, ss, name))]
+        (pairs / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    metrics = run_train(load_params(REPO / "params.yaml", _overrides(workdir, *overrides)), tmp_path / "out", pairs)
+    assert metrics["method"] == "trajectory"
+    built = [json.loads(line) for f in (cache_dir() / "trajectories").glob("*.jsonl") for line in f.open()
+             if "zebra quartz" in line]
+    assert len(built) == 8 and all(t["harmful"]["prefix"].startswith("zebra quartz") for t in built)
+
+
 def test_gradient_accumulation_equals_a_larger_batch(workdir):
     one = workdir / "acc_8x1"
     two = workdir / "acc_4x2"

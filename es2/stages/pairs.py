@@ -31,7 +31,8 @@ def _pair_rows(harmful, harmless, idx, sims) -> list[dict]:
             s = harmless[j]
             rows.append({"id": f"{h['id']}__{s['id']}", "harmful_id": h["id"], "harmful": h["prompt"],
                          "harmless_id": s["id"], "harmless": s["prompt"], "similarity": round(float(sim), 6),
-                         "rank": rank, "category": h.get("category"), "target": h.get("target")})
+                         "rank": rank, "category": h.get("category"), "target": h.get("target"),
+                         "harmful_response": h.get("response"), "harmless_response": s.get("response")})
     return rows
 
 

@@ -43,6 +43,17 @@ def harmful_response(method: str, row: dict) -> str | None:
 TRAJECTORY_METHODS = ("es2_trajectory", "trajectory")
 
 
+def harmful_responses(rows: list[dict]) -> list[str]:
+    """The harmful records' own `response` per pair row (train.trajectory_spans: response)."""
+    missing = [r["harmful_id"] for r in rows if not r.get("harmful_response")]
+    if missing:
+        raise ConfigError(f"train.trajectory_spans=response: {len(missing)} of {len(rows)} training pairs have a "
+                          f"harmful record without a `response` (e.g. {', '.join(missing[:3])})",
+                          "add a `response` (a harmful answer to inject) to every harmful training record, or "
+                          "set train.trajectory_spans: target | base_model")
+    return [r["harmful_response"] for r in rows]
+
+
 def build_features(rows: list[dict], tokenizer, cfg) -> list[dict]:
     if cfg.kl_positions == "response" and not all(r.get("harmless_response") for r in rows):
         raise ConfigError("train.kl_positions=response needs harmless responses in the pairs",
@@ -67,6 +78,8 @@ def trajectory_features(params: Params, model, tokenizer, rows: list[dict]) -> l
         spans = trajectories.harmful_spans_from_base(base, base_tokenizer, [r["harmful"] for r in rows],
                                                      cfg.trajectory_span_tokens)
         del base
+    elif cfg.trajectory_spans == "response":
+        spans = harmful_responses(rows)
     # keyed by the model's files (align rebuilds its folder in place), the rows with their targets, every option
     built = trajectories.trajectories_for(
         model, tokenizer, rows, trajectories.model_identity(base_model_path(params), params.model.revision),
