@@ -131,7 +131,8 @@ class EvaluateParams(Section):
     """Safety and capability evaluation (es2 evaluate). Attack budgets are per model evaluated."""
 
     model: str = Field("artifacts/train/adapter", description="a model folder, HF id, adapter folder or "
-                                                             "models:/NAME@ALIAS | models:/NAME/VERSION")
+                                                             "models:/NAME@ALIAS | models:/NAME/VERSION (in DVC, "
+                                                             "pin a VERSION: DVC cannot see an alias move)")
     baseline: str | None = Field("train-base", description="train-base = the model training started from")
     harmful: str | None = Field(None, description="default: data.eval_harmful")
     benign: str | None = Field(None, description="default: data.eval_harmless")

@@ -100,8 +100,8 @@ def test_exp_run_applies_params_and_writes_every_stage(project, experiments):
     assert params["train"]["method"] == "es2_trajectory"  # the last experiment's results are applied to the workspace
     for name, rev in experiments.items():
         at_rev = yaml.safe_load(_sh("git", "show", f"{rev}:params.yaml", cwd=project).stdout)
-        if name in KL_EXPERIMENTS:
-            assert at_rev["train"]["kl_weight"] == float(EXPERIMENTS[name].split("=")[1])
+        key, value = EXPERIMENTS[name].split("=")
+        assert at_rev["train"][key.split(".")[1]] == (float(value) if name in KL_EXPERIMENTS else value)
         lock = yaml.safe_load(_sh("git", "show", f"{rev}:dvc.lock", cwd=project).stdout)
         assert {"validate", "pairs", "align", "train", "evaluate"} <= set(lock["stages"])
     assert json.loads((project / "artifacts/train/metrics.json").read_text())
@@ -110,7 +110,7 @@ def test_exp_run_applies_params_and_writes_every_stage(project, experiments):
 
 def test_switching_train_method_in_params_trains_on_trajectories(project, experiments):
     """The "traj" experiment trained with recovery after injected spans: its metrics name the method and its
-    curve logs the recovery term (the refusal CE column), which the ES2-only experiments leave at zero."""
+    curve logs the recovery term (the refusal CE column), which the ES2-only curves do not have."""
     def at(rev: str, path: str) -> str:
         return _sh("git", "show", f"{rev}:{path}", cwd=project).stdout
 
@@ -119,6 +119,7 @@ def test_switching_train_method_in_params_trains_on_trajectories(project, experi
     recovery = [float(row["loss_refusal"]) for row in csv.DictReader(
         io.StringIO(at(experiments["traj"], "artifacts/train/curve.csv")))]
     assert recovery and all(r > 0 for r in recovery)
+    assert "loss_refusal" not in at(experiments["kl2"], "artifacts/train/curve.csv").splitlines()[0]
 
 
 def test_exp_show_lists_all_experiments(project, experiments):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from es2.config import load_params
-from es2.stages.train import run_train
+from es2.stages.train import check_span_source, run_train
 from tests.conftest import REPO
 from tests.tiny_model import save_tiny
 
@@ -105,16 +105,20 @@ def test_baselines_train_under_the_same_harness(workdir, method):
 
 def test_trajectory_spans_come_from_the_supplied_harmful_responses(workdir, tmp_path):
     """train.trajectory_spans=response injects each harmful record's own `response` (carried into the pairs);
-    pairs without one are refused by name before any work."""
-    from es2.errors import ConfigError
+    pairs without one are refused, naming the field and pairs, before the model loads (the path does not exist)."""
+    from es2.errors import DataError
     from es2.modeling import cache_dir
 
     # the tiny tokenizer is character-level: 12 tokens are "zebra quartz"
     overrides = ("train.method=trajectory", "train.steps=1", "train.batch_size=4", "train.trajectory_steps=[0]",
                  "train.trajectory_span_tokens=12", "train.trajectory_spans=response")
-    with pytest.raises(ConfigError, match="without a `response`"):
-        run_train(load_params(REPO / "params.yaml", _overrides(workdir, *overrides)), tmp_path / "refused",
-                  workdir / "pairs")
+    with pytest.raises(DataError, match=r"without a `response` \(e.g. ht0, ht1, ht2\)"):
+        run_train(load_params(REPO / "params.yaml", (*_overrides(workdir, *overrides), "model.name_or_path=/nowhere")),
+                  tmp_path / "refused", workdir / "pairs")
+    without_targets = [{k: v for k, v in r.items() if k != "target"} for r in _pairs(HARMFUL[:8], HARMLESS[:8], "t")]
+    with pytest.raises(DataError, match="without a `target`"):
+        check_span_source("target", without_targets)
+    check_span_source("base_model", without_targets)  # generated spans need no field
     pairs = tmp_path / "pairs"
     pairs.mkdir()
     for name, hs, ss in (("train", HARMFUL[:8], HARMLESS[:8]), ("val", HARMFUL[8:], HARMLESS[8:])):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from es2.config import Params
-from es2.errors import ConfigError
+from es2.errors import ConfigError, DataError
 from es2.features import collate, encode_chat, refusal_for
 from es2.io import write_json
 
@@ -30,7 +30,7 @@ def read_pairs(path: str | Path) -> list[dict]:
     return read_jsonl(path)
 
 
-def harmful_response(method: str, row: dict) -> str | None:
+def harmful_training_target(method: str, row: dict) -> str | None:
     """What follows the harmful prompt in training: a refusal target for the refusal methods, the harmful
     affirmative prefix for circuit breakers (the states to reroute), nothing for plain ES2."""
     if method in ("es2_refusal", "refusal_sft"):
@@ -43,22 +43,28 @@ def harmful_response(method: str, row: dict) -> str | None:
 TRAJECTORY_METHODS = ("es2_trajectory", "trajectory")
 
 
-def harmful_responses(rows: list[dict]) -> list[str]:
-    """The harmful records' own `response` per pair row (train.trajectory_spans: response)."""
-    missing = [r["harmful_id"] for r in rows if not r.get("harmful_response")]
+SPAN_FIELDS = {"target": ("target", "target"), "response": ("harmful_response", "response")}  # pair, record field
+
+
+def check_span_source(spans: str, rows: list[dict]) -> None:
+    """Refuse, before any model loads, pairs whose harmful record lacks what train.trajectory_spans injects
+    (base_model spans are generated, so they need nothing)."""
+    if spans not in SPAN_FIELDS:
+        return
+    pair_field, record_field = SPAN_FIELDS[spans]
+    missing = [r["harmful_id"] for r in rows if not r.get(pair_field)]
     if missing:
-        raise ConfigError(f"train.trajectory_spans=response: {len(missing)} of {len(rows)} training pairs have a "
-                          f"harmful record without a `response` (e.g. {', '.join(missing[:3])})",
-                          "add a `response` (a harmful answer to inject) to every harmful training record, or "
-                          "set train.trajectory_spans: target | base_model")
-    return [r["harmful_response"] for r in rows]
+        raise DataError(f"train.trajectory_spans={spans}: {len(missing)} of {len(rows)} training pairs have a "
+                        f"harmful record without a `{record_field}` (e.g. {', '.join(missing[:3])})",
+                        f"add a `{record_field}` to every harmful training record, or set "
+                        "train.trajectory_spans: base_model (answers of the not-yet-aligned model)")
 
 
 def build_features(rows: list[dict], tokenizer, cfg) -> list[dict]:
     if cfg.kl_positions == "response" and not all(r.get("harmless_response") for r in rows):
         raise ConfigError("train.kl_positions=response needs harmless responses in the pairs",
                           "set train.kl_positions: all (or prompt), or add a `response` to the harmless records")
-    return [{"harmful": encode_chat(tokenizer, r["harmful"], harmful_response(cfg.method, r), cfg.max_length),
+    return [{"harmful": encode_chat(tokenizer, r["harmful"], harmful_training_target(cfg.method, r), cfg.max_length),
              "harmless": encode_chat(tokenizer, r["harmless"], r.get("harmless_response"), cfg.max_length)}
             for r in rows]
 
@@ -79,10 +85,13 @@ def trajectory_features(params: Params, model, tokenizer, rows: list[dict]) -> l
                                                      cfg.trajectory_span_tokens)
         del base
     elif cfg.trajectory_spans == "response":
-        spans = harmful_responses(rows)
-    # keyed by the model's files (align rebuilds its folder in place), the rows with their targets, every option
+        spans = [r["harmful_response"] for r in rows]
+    # keyed by the model's files (align rebuilds its folder in place) and dtype (greedy tokens differ), the rows
+    # with their targets, every option
+    model_id = {**trajectories.model_identity(base_model_path(params), params.model.revision),
+                "dtype": params.model.dtype}
     built = trajectories.trajectories_for(
-        model, tokenizer, rows, trajectories.model_identity(base_model_path(params), params.model.revision),
+        model, tokenizer, rows, model_id,
         cfg.trajectory_steps, cfg.trajectory_span_tokens, spans, cfg.seed,
         max_new_tokens=cfg.trajectory_continuation_tokens, progress=True)
     return trajectories.trajectory_features(built, tokenizer, cfg.max_length)
@@ -203,10 +212,12 @@ def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir
     cfg, out_dir = params.train, Path(out_dir)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    train_rows = read_pairs(Path(pairs_dir) / "train.jsonl")
+    if cfg.method in TRAJECTORY_METHODS:
+        check_span_source(cfg.trajectory_spans, train_rows)
     model, tokenizer = load_causal_lm(base_model_path(params), params.model.revision,
                                       params.model.trust_remote_code, params.model.dtype)
     check_layers(cfg.layers, model)
-    train_rows = read_pairs(Path(pairs_dir) / "train.jsonl")
     train_features = (trajectory_features(params, model, tokenizer, train_rows) if cfg.method in TRAJECTORY_METHODS
                       else build_features(train_rows, tokenizer, cfg))
     val_features = build_features(read_pairs(Path(pairs_dir) / "val.jsonl"), tokenizer, cfg)
