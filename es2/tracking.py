@@ -204,20 +204,9 @@ class ES2Model(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):  # MLflow passes context/model_input/params by keyword
         import torch
-        from transformers import AutoModelForCausalLM
 
-        from es2.modeling import load_tokenizer
-
-        config = context.model_config or {}
-        self.tokenizer = load_tokenizer(context.artifacts["tokenizer"])
-        model = AutoModelForCausalLM.from_pretrained(
-            context.artifacts["base"], dtype=getattr(torch, config.get("dtype", "float32")),
-            trust_remote_code=bool(config.get("trust_remote_code", False)))
-        if "adapter" in context.artifacts:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, context.artifacts["adapter"])
-        self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        model, self.tokenizer = load_packaged(context.artifacts, context.model_config or {})
+        self.model = model.to("cuda" if torch.cuda.is_available() else "cpu")
 
     def predict(self, context, model_input, params=None):
         from es2.generation import generate
@@ -226,6 +215,22 @@ class ES2Model(mlflow.pyfunc.PythonModel):
         return generate(self.model, self.tokenizer, _prompts(model_input),
                         max_new_tokens=int(options["max_new_tokens"]), batch_size=int(options["batch_size"]),
                         progress=False)
+
+
+def load_packaged(artifacts: dict, config: dict):
+    """(model, tokenizer) in eval mode from a packaged es2 model's folders (`base`, `tokenizer`, and `adapter`
+    when LoRA-trained) with the dtype and trust_remote_code it was logged with: what `ES2Model` serves and
+    what `es2 evaluate --model models:/...` evaluates."""
+    from es2.modeling import load_causal_lm
+
+    model, tokenizer = load_causal_lm(str(artifacts["base"]), dtype=config.get("dtype", "float32"),
+                                      trust_remote_code=bool(config.get("trust_remote_code")),
+                                      tokenizer_from=str(artifacts["tokenizer"]))
+    if "adapter" in artifacts:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(artifacts["adapter"]))
+    return model.eval(), tokenizer
 
 
 def _prompts(model_input) -> list[str]:
@@ -569,6 +574,16 @@ _ALIAS_FIX = {CHAMPION: "run `es2 promote` (it moves champion to the challenger 
               CHALLENGER: "run `es2 register`"}
 
 
+def load_registered_model(model_uri: str, registry: RegistryParams | None = None):
+    """(model, tokenizer) of a registered es2 model (`download_model`, then `load_packaged` with the logged
+    dtype and trust_remote_code)."""
+    from mlflow.models import Model
+
+    model_dir = _downloaded(model_uri, registry)
+    config = Model.load(str(model_dir)).flavors["python_function"].get("model_config") or {}
+    return load_packaged(_pyfunc_artifacts(model_dir), config)
+
+
 def download_model(model_uri: str, registry: RegistryParams | None = None) -> dict[str, Path]:
     """Local folders of a registered es2 model, keyed as logged: `base`, `tokenizer` and, when LoRA-trained,
     `adapter`. `model_uri` is `models:/NAME@ALIAS` or `models:/NAME/VERSION`.
@@ -577,6 +592,11 @@ def download_model(model_uri: str, registry: RegistryParams | None = None) -> di
     `$ES2_CACHE/registry/`, into a temp folder beside that is renamed into place only when complete, so an
     interrupted download is never reused.
     """
+    return _pyfunc_artifacts(_downloaded(model_uri, registry))
+
+
+def _downloaded(model_uri: str, registry: RegistryParams | None) -> Path:
+    """The registered model's local MLflow model folder (see `download_model`)."""
     from es2.modeling import cache_dir
 
     match = _REGISTERED_URI.fullmatch(model_uri.strip())
@@ -593,7 +613,8 @@ def download_model(model_uri: str, registry: RegistryParams | None = None) -> di
             target = cache_dir() / "registry" / f"{_safe_name(name)}-v{version.version}-{digest}"
             if not target.is_dir():
                 _download_once(f"models:/{name}/{version.version}", target, uri)
-        return _pyfunc_artifacts(target)
+        _pyfunc_artifacts(target)  # refuse a model that is not an es2 pyfunc here, with the URI in the message
+        return target
     except ES2Error as exc:  # evaluate loads several models: say which one failed
         raise type(exc)(f"{model_uri}: {exc.problem}", exc.hint) from exc
 

@@ -35,29 +35,20 @@ def load_model(spec: str, params: Params):
         from es2.stages.train import base_model_path
 
         spec = base_model_path(params)
-    options = {"trust_remote_code": params.model.trust_remote_code, "dtype": params.model.dtype}
-    if spec.startswith("models:/"):
-        from es2.tracking import download_model
+    if spec.startswith("models:/"):  # loaded with the dtype and trust_remote_code it was registered with
+        from es2.tracking import load_registered_model
 
-        folders = download_model(spec, params.registry)
-        model, tokenizer = load_causal_lm(str(folders["base"]), tokenizer_from=str(folders["tokenizer"]),
-                                          **options)
-        return _with_adapter(model, folders.get("adapter")), tokenizer
+        return load_registered_model(spec, params.registry)
+    options = {"trust_remote_code": params.model.trust_remote_code, "dtype": params.model.dtype}
     adapter_config = Path(spec) / "adapter_config.json"
     if adapter_config.exists():
+        from peft import PeftModel
+
         base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
         model, tokenizer = load_causal_lm(base, **options)
-        return _with_adapter(model, spec), tokenizer
+        return PeftModel.from_pretrained(model, spec).eval(), tokenizer
     model, tokenizer = load_causal_lm(spec, params.model.revision, **options)
     return model.eval(), tokenizer
-
-
-def _with_adapter(model, adapter: str | Path | None):
-    if adapter is None:
-        return model.eval()
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(adapter)).eval()
 
 
 def read_prompts(path: str | Path, label: str) -> list[dict]:
