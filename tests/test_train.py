@@ -103,12 +103,13 @@ def test_baselines_train_under_the_same_harness(workdir, method):
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_trajectory_spans_come_from_the_supplied_harmful_responses(workdir, tmp_path):
+def test_trajectory_spans_come_from_the_supplied_harmful_responses(workdir, tmp_path, monkeypatch):
     """train.trajectory_spans=response injects each harmful record's own `response` (carried into the pairs);
     pairs without one are refused, naming the field and pairs, before the model loads (the path does not exist)."""
     from es2.errors import DataError
     from es2.modeling import cache_dir
 
+    monkeypatch.setenv("ES2_CACHE", str(tmp_path / "cache"))  # only this test's trajectories in it
     # the tiny tokenizer is character-level: 12 tokens are "zebra quartz"
     overrides = ("train.method=trajectory", "train.steps=1", "train.batch_size=4", "train.trajectory_steps=[0]",
                  "train.trajectory_span_tokens=12", "train.trajectory_spans=response")
