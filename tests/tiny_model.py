@@ -50,3 +50,10 @@ def save_tiny(path: Path, layers: int = 2) -> Path:
     build_model(tokenizer, layers).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def reference_generate(model, tokenizer, text: str, max_new_tokens: int) -> str:
+    """Reference for es2's batched generation: one unpadded sequence straight through model.generate, decoded."""
+    enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
