@@ -21,9 +21,14 @@ REFUSALS = (
 )
 
 
+def pick_by_key(options, key: str) -> str:
+    """One of `options` chosen deterministically from an example's id (varied targets, reproducible)."""
+    return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
+
+
 def refusal_for(key: str) -> str:
-    """A refusal string chosen deterministically from the example's id (varied targets, reproducible)."""
-    return REFUSALS[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(REFUSALS)]
+    """A refusal string chosen from the example's id."""
+    return pick_by_key(REFUSALS, key)
 
 
 def encode_chat(tokenizer, prompt: str, response: str | None = None, max_length: int = 256,

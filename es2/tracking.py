@@ -191,10 +191,6 @@ def _guard(uri: str, what: str) -> Iterator[None]:
         raise
 
 
-def _registry(params) -> RegistryParams:
-    return params.registry
-
-
 # ------------------------------------------------------------------------------------------------------------
 # the pyfunc model
 
@@ -335,7 +331,7 @@ def log_pipeline_run(params, artifacts_dir: str | Path = "artifacts", *, root: s
 
     Reuses the finished run whose `es2.pipeline_key` matches (same params, dvc.lock, base and artifact bytes).
     """
-    reg = registry or _registry(params)
+    reg = registry or params.registry
     root, artifacts_dir = Path(root), Path(artifacts_dir)
     trained = artifacts_dir / "train" / "adapter"
     evaluated = artifacts_dir / "evaluate" / "metrics.json"
@@ -577,11 +573,7 @@ _ALIAS_FIX = {CHAMPION: "run `es2 promote` (it moves champion to the challenger 
 def load_registered_model(model_uri: str, registry: RegistryParams | None = None):
     """(model, tokenizer) of a registered es2 model (`download_model`, then `load_packaged` with the logged
     dtype and trust_remote_code)."""
-    from mlflow.models import Model
-
-    model_dir = _downloaded(model_uri, registry)
-    config = Model.load(str(model_dir)).flavors["python_function"].get("model_config") or {}
-    return load_packaged(_pyfunc_artifacts(model_dir), config)
+    return load_packaged(*_downloaded(model_uri, registry))
 
 
 def download_model(model_uri: str, registry: RegistryParams | None = None) -> dict[str, Path]:
@@ -592,11 +584,11 @@ def download_model(model_uri: str, registry: RegistryParams | None = None) -> di
     `$ES2_CACHE/registry/`, into a temp folder beside that is renamed into place only when complete, so an
     interrupted download is never reused.
     """
-    return _pyfunc_artifacts(_downloaded(model_uri, registry))
+    return _downloaded(model_uri, registry)[0]
 
 
-def _downloaded(model_uri: str, registry: RegistryParams | None) -> Path:
-    """The registered model's local MLflow model folder (see `download_model`)."""
+def _downloaded(model_uri: str, registry: RegistryParams | None) -> tuple[dict[str, Path], dict]:
+    """The registered model's artifact folders and logged model_config, downloaded (see `download_model`)."""
     from es2.modeling import cache_dir
 
     match = _REGISTERED_URI.fullmatch(model_uri.strip())
@@ -613,8 +605,7 @@ def _downloaded(model_uri: str, registry: RegistryParams | None) -> Path:
             target = cache_dir() / "registry" / f"{_safe_name(name)}-v{version.version}-{digest}"
             if not target.is_dir():
                 _download_once(f"models:/{name}/{version.version}", target, uri)
-        _pyfunc_artifacts(target)  # refuse a model that is not an es2 pyfunc here, with the URI in the message
-        return target
+        return _pyfunc(target)  # inside the try: a model that is not an es2 pyfunc is refused with the URI
     except ES2Error as exc:  # evaluate loads several models: say which one failed
         raise type(exc)(f"{model_uri}: {exc.problem}", exc.hint) from exc
 
@@ -653,8 +644,9 @@ def _download_once(source: str, target: Path, uri: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _pyfunc_artifacts(model_dir: Path) -> dict[str, Path]:
-    """The artifact folders as the pyfunc flavor records them (MLflow chooses the layout inside the model)."""
+def _pyfunc(model_dir: Path) -> tuple[dict[str, Path], dict]:
+    """The artifact folders as the pyfunc flavor records them (MLflow chooses the layout inside the model) and
+    the model_config it was logged with."""
     from mlflow.models import Model
 
     flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
@@ -662,4 +654,4 @@ def _pyfunc_artifacts(model_dir: Path) -> dict[str, Path]:
     if not {"base", "tokenizer"} <= artifacts.keys():
         raise ES2Error("not an es2 model (its pyfunc has no base and tokenizer artifacts)",
                        "register a pipeline run with `es2 register`")
-    return artifacts
+    return artifacts, flavor.get("model_config") or {}

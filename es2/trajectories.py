@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from es2.attacks.prompting import _join, first_tokens
-from es2.features import encode_chat
+from es2.features import encode_chat, pick_by_key
 from es2.generation import generate
 
 TRAJECTORY_FORMAT = 1  # bump when the construction changes, so old caches are not reused
@@ -72,18 +72,14 @@ BENIGN_SPANS = (
 DEFAULT_TARGET = "Sure, here is how to do that."
 
 
-def _pick(options: Sequence[str], key: str) -> str:
-    return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
-
-
 def recovery_for(key: str) -> str:
     """A recovery refusal chosen deterministically from the example's id."""
-    return _pick(RECOVERIES, key)
+    return pick_by_key(RECOVERIES, key)
 
 
 def benign_span_for(key: str) -> str:
     """A benign connector span chosen deterministically from the example's id."""
-    return _pick(BENIGN_SPANS, key)
+    return pick_by_key(BENIGN_SPANS, key)
 
 
 def _row_id(row: dict, index: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -52,7 +53,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def tiny_params(params: dict, model_dir: Path) -> dict:
     """params.yaml shrunk to seconds on the tiny model: every stage still runs for real (align writes its
-    disabled marker; evaluate runs the direct and injection attacks at one depth, which the depth plot needs)."""
+    disabled marker; evaluate runs the direct and injection attacks at s = 0, so depth.csv has rows)."""
     params["model"]["name_or_path"] = str(model_dir)
     params["align"]["enabled"] = False
     params["train"].update(layers=[1, 2], steps=2, batch_size=4, logging_steps=1, save_steps=2)
@@ -66,3 +67,10 @@ def tool_path(name: str) -> str | None:
     """A command-line tool from this venv's bin (pip-installed linters), else from PATH; None when absent."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else shutil.which(name)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for the servers tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

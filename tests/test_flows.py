@@ -19,19 +19,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, tiny_params
+from tests.conftest import REPO, free_port, tiny_params
 
 DEPLOYMENT = "es2-pipeline/nightly"
 STAGES = ["validate", "pairs"]
 BIN = Path(sys.executable).parent
 # Prefect's parameter model warns that the flow parameter `register` shadows a pydantic attribute; it works.
 pytestmark = pytest.mark.filterwarnings('ignore:Field name "register":UserWarning')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sh(*cmd, cwd, env=None):
@@ -73,7 +67,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prefect_env(workdir) -> dict[str, str]:
-    """Environment of the server, the serving process and its flow runs (STACK.md, "Environment for CI")."""
+    """Environment of the server, the serving process and its flow runs (../shared/reference/STACK.md, "Environment for CI")."""
     (workdir / "tmp").mkdir()
     return {**os.environ,
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(workdir / "tmp"),
@@ -112,7 +106,7 @@ def api_url(workdir, prefect_env):
     """`prefect server start` on a free port; the test process talks to it through temporary settings."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
-    port = _free_port()
+    port = free_port()
     log = workdir / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -13,7 +13,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 PASSWORD = "es2-test-password"
 USER = "es2"
@@ -36,12 +37,6 @@ def _server_bin() -> Path | None:
         return max(found, key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0)
     initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
     return Path(initdb).resolve().parent if initdb and pg_ctl else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_as() -> pwd.struct_passwd | None:
@@ -90,7 +85,7 @@ def postgres():
     subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", USER, "--auth=scram-sha-256",
                     f"--pwfile={pwfile}", "--encoding=UTF8", "--no-sync"], check=True, capture_output=True,
                    env=env, cwd=root, **as_user)
-    port = _free_port()
+    port = free_port()
     started = subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
                               "-o", f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off", "start"],
                              capture_output=True, text=True, env=env, cwd=root, **as_user)

@@ -24,17 +24,12 @@ from es2.config import Params
 from es2.errors import ES2Error
 from es2.config import GateParams, RegistryParams
 from es2.gates import decide
+from tests.conftest import free_port
 
 # Fast retries so the failure paths take about a second; the defaults are 3 retries from 1 s.
 REG = RegistryParams(experiment="es2-tests", retries=2, backoff_seconds=0.2, timeout_seconds=20)
 PROMPTS = ["how do i bake bread for my family", "write a poem about the sea"]
 GOOD = {"asr": 0.25, "effort": 3.0, "kl": 0.05, "over_refusal": 0.1, "mc": 0.3}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -58,7 +53,7 @@ def _client_tmpdir(tmp_path_factory):
 
 class Server:
     def __init__(self, root: Path):
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.uri, self.ready = f"http://127.0.0.1:{self.port}", False
         mlflow_cli = Path(sys.executable).with_name("mlflow")
         env = {**os.environ, "TMPDIR": str(root), "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -126,7 +121,7 @@ class FlakyProxy:
     client sees when the server dies), `up()` listens again on the same port."""
 
     def __init__(self, target_port: int):
-        self.target, self.port = target_port, _free_port()
+        self.target, self.port = target_port, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -450,7 +445,7 @@ def test_registered_model_errors_name_the_uri_and_the_fix(trained, tiny_model_di
     assert set(folders) == {"base", "adapter", "tokenizer"}
     assert (folders["adapter"] / "adapter_config.json").exists() and (folders["base"] / "config.json").exists()
 
-    down = f"http://127.0.0.1:{_free_port()}"
+    down = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
     with pytest.raises(ES2Error) as err:
         tracking.download_model("models:/tiny-errors@challenger", REG)
@@ -519,7 +514,7 @@ def test_decide_gates_without_a_server():
 
 
 def test_server_down_gives_a_clear_error_after_retries(trained, tiny_model_dir, tmp_path, monkeypatch):
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     params, art = pipeline(trained, tiny_model_dir, tmp_path)
     started = time.monotonic()

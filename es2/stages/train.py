@@ -79,8 +79,10 @@ def trajectory_features(params: Params, model, tokenizer, rows: list[dict]) -> l
     cfg = params.train
     spans = None
     if cfg.trajectory_spans == "base_model":  # the not-yet-aligned model complies: its answers are harmful spans
-        base, base_tokenizer = load_causal_lm(params.model.name_or_path, params.model.revision,
-                                              params.model.trust_remote_code, params.model.dtype)
+        base, base_tokenizer = model, tokenizer  # without align, the model about to be trained is that model
+        if base_model_path(params) != params.model.name_or_path:
+            base, base_tokenizer = load_causal_lm(params.model.name_or_path, params.model.revision,
+                                                  params.model.trust_remote_code, params.model.dtype)
         spans = trajectories.harmful_spans_from_base(base, base_tokenizer, [r["harmful"] for r in rows],
                                                      cfg.trajectory_span_tokens)
         del base
