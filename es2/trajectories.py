@@ -45,7 +45,7 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from es2.attacks.prompting import _join, first_tokens
+from es2.attacks.prompting import _join, first_tokens, own_tokens
 from es2.features import encode_chat, pick_by_key
 from es2.generation import generate
 
@@ -103,18 +103,6 @@ def _check(rows, steps, span_tokens, spans, benign_spans) -> list[int]:
     return steps
 
 
-def _own_tokens(model, tokenizer, prompts: list[str], s_of: list[int], batch_size: int,
-                progress: bool) -> list[str]:
-    """The model's own first s_of[i] greedy tokens for prompts[i] (one batched generate per distinct s > 0)."""
-    own = [""] * len(prompts)
-    for s in sorted(set(s_of) - {0}):
-        index = [i for i, si in enumerate(s_of) if si == s]
-        texts = generate(model, tokenizer, [prompts[i] for i in index], s, batch_size, progress=progress)
-        for i, text in zip(index, texts):
-            own[i] = text
-    return own
-
-
 def build_trajectories(model, tokenizer, rows: list[dict], steps: Sequence[int] = (0, 8, 32),
                        span_tokens: int = 10, spans: Sequence[str] | None = None, seed: int = 0,
                        max_new_tokens: int = 64, batch_size: int = 16,
@@ -138,7 +126,7 @@ def build_trajectories(model, tokenizer, rows: list[dict], steps: Sequence[int] 
     harmful_span, _ = first_tokens(tokenizer, harmful_src, span_tokens)
     benign_span, _ = first_tokens(tokenizer, benign_src, span_tokens)
     prompts = [r["harmful"] for r in rows] + [r["harmless"] for r in rows]
-    own = _own_tokens(model, tokenizer, prompts, s_of + s_of, batch_size, progress)
+    own = own_tokens(model, tokenizer, prompts, s_of + s_of, batch_size, progress)
     harmful_prefix = [_join(o, t) for o, t in zip(own[:n], harmful_span)]
     harmless_prefix = [_join(o, t) for o, t in zip(own[n:], benign_span)]
     harmless_target = generate(model, tokenizer, prompts[n:], max_new_tokens, batch_size, prefill=harmless_prefix,

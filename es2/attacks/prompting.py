@@ -142,6 +142,20 @@ def _join(own: str, span: str) -> str:
     return own + span
 
 
+def own_tokens(model, tokenizer, prompts: list[str], s_of: list[int], batch_size: int = 16,
+               progress: bool = False, system: str | None = None) -> list[str]:
+    """The model's own first s_of[i] greedy tokens for prompts[i], as text ("" for s = 0): one batched
+    `generate(max_new_tokens=s)` per distinct s > 0, so each is exactly what the model writes first."""
+    own = [""] * len(prompts)
+    for s in sorted(set(s_of) - {0}):
+        index = [i for i, si in enumerate(s_of) if si == s]
+        texts = generate(model, tokenizer, [prompts[i] for i in index], s, batch_size, progress=progress,
+                         system=system)
+        for i, text in zip(index, texts):
+            own[i] = text
+    return own
+
+
 def injection(model, tokenizer, prompts: list[str], spans: list[str], steps: Sequence[int] = (0, 8, 32),
               k: int = 10, max_new_tokens: int = 64, batch_size: int = 16, progress: bool = False,
               system: str | None = None) -> list[AttackResult]:
@@ -168,14 +182,14 @@ def injection(model, tokenizer, prompts: list[str], spans: list[str], steps: Seq
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     span_texts, span_counts = first_tokens(tokenizer, spans, k)
-    own: dict[int, list[str]] = {0: [""] * len(prompts)}
-    for s in sorted(set(steps) - {0}):
-        own[s] = generate(model, tokenizer, list(prompts), s, batch_size, progress=progress, system=system)
+    n, distinct = len(prompts), sorted(set(steps))
+    flat_own = own_tokens(model, tokenizer, [p for _ in distinct for p in prompts],
+                          [s for s in distinct for _ in prompts], batch_size, progress, system)
+    own = {s: flat_own[i * n:(i + 1) * n] for i, s in enumerate(distinct)}
     flat_prompts = [p for _ in steps for p in prompts]
     flat_prefill = [_join(o, t) for s in steps for o, t in zip(own[s], span_texts)]
     outputs = generate(model, tokenizer, flat_prompts, max_new_tokens, batch_size, prefill=flat_prefill,
                        progress=progress, system=system)
-    n = len(prompts)
     results = []
     for j, s in enumerate(steps):
         results.append(AttackResult(
