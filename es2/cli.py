@@ -28,6 +28,11 @@ EXAMPLES = {
     "serve": "es2 serve                    # serve the nightly deployment (needs PREFECT_API_URL of a server)",
     "register": "es2 register                 # log the pipeline run to MLflow; new model version, alias challenger",
     "promote": "es2 promote                  # move alias champion to the challenger if the gates pass",
+    "judge": "es2 judge answers.jsonl --out judged.jsonl              # jbb, qi and semantic on each response\n"
+             "  es2 judge answers.csv --out judged.jsonl --judges semantic\n"
+             "  es2 judge answers.jsonl --out j.jsonl --judge-model /models/guard --template llamaguard   # GPU\n"
+             "  es2 judge train --pyrit ../shared/datasets/pyrit_scorer_evals   # rebuild the semantic head",
+    "results": "es2 results --readme README.md      # rewrite the README's results block from artifacts/evaluate",
     "evaluate": "es2 evaluate                 # the trained adapter vs the model training started from\n"
                 "  es2 evaluate --model artifacts/train/adapter --harmful harmful_behaviors.csv "
                 "--limit 20 --attacks direct,prefill --baseline smollm2-135m-instruct --out /tmp/eval",
@@ -90,6 +95,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--compare", help="comma list of further models shown side by side (default: evaluate.compare)")
     ev.add_argument("--out", type=Path, default=Path("artifacts/evaluate"))
 
+    judge = add(sub, "judge", "judge", "say for each response whether it is a refusal (true) or complies (false)")
+    judge.add_argument("responses", help="JSONL or CSV with columns prompt and response (others are kept); "
+                                         "or `train` to rebuild the semantic judge's head")
+    judge.add_argument("--out", type=Path, help="judged JSONL (adds judge/<name>); with train: the head file "
+                                                 "(default: the packaged head)")
+    judge.add_argument("--judges", default="jbb,qi,semantic", help="comma list of jbb, qi, semantic "
+                                                                    "(default: every judge that runs offline)")
+    judge.add_argument("--judge-model", help="a local causal LM to use as a generative judge (GPU)")
+    judge.add_argument("--template", default="harmbench", help="generative judge template: harmbench, "
+                                                                "llamaguard or a template file")
+    judge.add_argument("--pyrit", type=Path, help="train: folder of PyRIT's scorer-evaluation CSVs (MIT)")
+    judge.add_argument("--seed", type=int, default=0, help="train: the split and cross-validation seed")
+
+    res = add(sub, "results", "results", "the README's measured-results block, rendered from an evaluation")
+    res.add_argument("--eval", type=Path, default=Path("artifacts/evaluate"), help="es2 evaluate output folder")
+    res.add_argument("--readme", type=Path, help="rewrite this file's results block (default: print it)")
+
     run = add(sub, "run", "run", "run the whole pipeline as a Prefect flow (stages through DVC, then registry)")
     run.add_argument("--no-register", action="store_true", help="stop after the DVC stages")
     add(sub, "serve", "serve", "serve the scheduled Prefect deployment es2-pipeline/nightly from this process")
@@ -115,6 +137,8 @@ def _run(args, argv: list[str] | None = None) -> int:
         write_records(records, args.output)
         print(f"wrote {len(records)} records to {args.output}")
         return 0
+    if args.command in ("judge", "results"):
+        return _judge_or_results(args)
     params = load_params(args.params, tuple(args.overrides))
     if args.command == "validate":
         from es2.stages.validate import run_validate
@@ -209,6 +233,45 @@ def _run(args, argv: list[str] | None = None) -> int:
         print("promoted: challenger is now champion" if decision.promoted else "not promoted: champion unchanged")
         return 0  # a rejected challenger is a normal outcome, not a failure
     raise AssertionError(args.command)
+
+
+def _judge_or_results(args) -> int:
+    """The two commands that need no params.yaml: `es2 judge` and `es2 results`."""
+    if args.command == "results":
+        from es2.results import render, update_readme
+
+        if args.readme:
+            update_readme(args.readme, args.eval)
+            print(f"rewrote the results block of {args.readme} from {args.eval}")
+        else:
+            print(render(args.eval))
+        return 0
+    from es2.runtime import set_threads
+
+    set_threads()
+    if args.responses == "train":
+        from es2.judges.semantic import head_path
+        from es2.stages.judge import train_head
+
+        out = args.out or head_path()
+        document = train_head(out, args.pyrit, args.seed)
+        for name, m in document["held_out"].items():
+            print(f"held-out PyRIT {name:9s} accuracy {m['accuracy']:.3f}  refusal recall {m['refusal_recall']:.3f}  "
+                  f"false-refusal rate {m['false_refusal_rate']:.3f}  n {m['n']}")
+        print(f"wrote {out}")
+        return 0
+    if args.out is None:
+        raise ES2Error("es2 judge needs --out", "add --out judged.jsonl")
+    from es2.judges import get_judge
+    from es2.stages.judge import judge_file
+
+    judges = {name: get_judge(name) for name in args.judges.split(",") if name}
+    if args.judge_model:
+        judges["generative"] = get_judge("generative", path=args.judge_model, template=args.template)
+    for name, (refusals, n) in judge_file(args.responses, args.out, judges).items():
+        print(f"{name:10s} refusals {refusals} of {n} ({refusals / n:.1%})")
+    print(f"wrote {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,11 +69,12 @@ def test_jailbreakbench_needs_a_label_and_keeps_goal_target_category():
     assert {r["label"] for r in benign} == {"harmless"}
 
 
-def test_xstest_maps_safe_unsafe_in_any_case_and_type_to_category():
+def test_xstest_safe_prompts_are_borderline_and_the_type_is_kept_as_subcategory():
     records = import_records("xstest", FIX / "xstest.csv", label=None)
     assert [r["label"] for r in records] == ["harmless", "harmful", "harmless", "harmful"]
     assert [r["id"] for r in records] == ["xstest-1", "xstest-2", "xstest-3", "xstest-4"]
-    assert records[1]["category"] == "contrast_homonyms"
+    assert [r["category"] for r in records] == ["borderline", "contrast", "borderline", "contrast"]
+    assert [r["subcategory"] for r in records] == ["homonyms", "contrast_homonyms", "homonyms", "contrast_homonyms"]
 
 
 @pytest.mark.parametrize("name", ["alpaca.json", "alpaca.jsonl"])
@@ -186,7 +187,9 @@ def test_real_xstest(shared_datasets):
     records = import_records("xstest", shared_datasets / "xstest" / "xstest_prompts.csv", label=None)
     labels = [r["label"] for r in records]
     assert (labels.count("harmless"), labels.count("harmful")) == (250, 200)
-    assert all(r["category"].startswith("contrast_") for r in records if r["label"] == "harmful")
+    assert all(r["category"] == "contrast" and r["subcategory"].startswith("contrast_")
+               for r in records if r["label"] == "harmful")
+    assert all(r["category"] == "borderline" for r in records if r["label"] == "harmless")  # all 250 safe rows
     assert len({r["id"] for r in records}) == 450
 
 

@@ -18,13 +18,17 @@ from es2.io import write_jsonl
 
 # Fields a column can feed. `context` goes before the prompt and `input` after it, each separated by a blank
 # line: that is how HarmBench (ContextString) and Alpaca (input) present them to a model.
-MAPPABLE_FIELDS = ("id", "prompt", "label", "category", "target", "response", "context", "input")
+MAPPABLE_FIELDS = ("id", "prompt", "label", "category", "subcategory", "target", "response", "context", "input")
 
 # XSTest says safe/unsafe for the same two classes; case and surrounding spaces vary between exports.
 LABEL_ALIASES = {"harmful": "harmful", "harmless": "harmless", "unsafe": "harmful", "safe": "harmless"}
 
+# XSTest's two classes: safe prompts are the borderline ("sounds dangerous but is safe") set by design, and the
+# unsafe ones are their contrasts.
+XSTEST_CATEGORY = {"harmless": "borderline", "harmful": "contrast"}
+
 # Generic files use the normalised names, so a file already in the record format re-imports as is.
-_GENERIC = {field: field for field in ("id", "prompt", "label", "category", "target", "response")}
+_GENERIC = {field: field for field in ("id", "prompt", "label", "category", "subcategory", "target", "response")}
 
 # format -> (file kind, field -> column, label when the file has no label column). Only AdvBench and
 # HarmBench hold nothing but harmful requests. JailbreakBench ships a benign split with the same columns,
@@ -35,7 +39,9 @@ _SPECS = {
                           "context": "ContextString"}, "harmful"),
     "jailbreakbench": ("csv", {"id": "Index", "prompt": "Goal", "target": "Target", "category": "Category"},
                        None),
-    "xstest": ("csv", {"id": "id", "prompt": "prompt", "category": "type", "label": "label"}, None),
+    # XSTest's `type` (homonyms, figurative_language, ..., contrast_*) is kept as the subcategory; the category
+    # is set below: every safe XSTest prompt is one that sounds dangerous but is safe.
+    "xstest": ("csv", {"id": "id", "prompt": "prompt", "subcategory": "type", "label": "label"}, None),
     "alpaca": ("json", {"prompt": "instruction", "input": "input", "response": "output",
                         "category": "category"}, None),
     "jsonl": ("json", _GENERIC, None),
@@ -95,7 +101,10 @@ def import_records(fmt: str, path, label: str | None, columns: dict[str, str] | 
             "source": source,
         }
         # Optional fields are left out rather than written empty (Alpaca's category is always null).
-        record.update({field: cell[field] for field in ("category", "target", "response") if cell.get(field)})
+        record.update({field: cell[field] for field in ("category", "subcategory", "target", "response")
+                       if cell.get(field)})
+        if fmt == "xstest":
+            record["category"] = XSTEST_CATEGORY[record["label"]]
         records.append(record)
     return records
 

@@ -2,7 +2,9 @@
 
 Every data file the pipeline reads is JSONL with one record per line:
   required: id (str), prompt (str), label ("harmful" | "harmless"), source (str)
-  optional: category (str), target (affirmative prefix, e.g. "Sure, here is"), response (str)
+  optional: category (str; "borderline" marks a benign prompt that sounds dangerous but is safe),
+            subcategory (str, e.g. XSTest's type), target (affirmative prefix, e.g. "Sure, here is"),
+            response (str)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from es2.errors import DataError
 
 LABELS = ("harmful", "harmless")
 REQUIRED_FIELDS = ("id", "prompt", "label", "source")
-OPTIONAL_FIELDS = ("category", "target", "response")
+OPTIONAL_FIELDS = ("category", "subcategory", "target", "response")
 ALL_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 
 

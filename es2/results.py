@@ -1,0 +1,79 @@
+"""The README's measured results, regenerated from an evaluation's outputs (`es2 results`).
+
+No figure is typed into the README by hand: the block between RESULTS_START and RESULTS_END is rendered from
+`headline.json` and `metrics.json` of an `es2 evaluate` output folder (by default the DVC stage's
+`artifacts/evaluate`), and names the judges, span source, perturbation grid and n behind every figure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from es2.errors import DataError
+from es2.io import write_text
+
+RESULTS_START = "<!-- results:start (es2 results --readme README.md regenerates this block) -->"
+RESULTS_END = "<!-- results:end -->"
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def _cell(row: dict, side: str) -> str:
+    value = row[side]
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if row["figure"] == "kl" else _pct(value)
+
+
+def _diff(row: dict) -> str:
+    if row["diff"] is None or row["figure"] == "kl":
+        return "–"
+    interval = "" if row["ci_low"] is None else f" [{100 * row['ci_low']:+.0f}, {100 * row['ci_high']:+.0f}]"
+    return f"{100 * row['diff']:+.0f} pts{interval}"
+
+
+def render(eval_dir: Path) -> str:
+    """The markdown block for one evaluation folder."""
+    paths = {name: eval_dir / f"{name}.json" for name in ("headline", "metrics", "outcomes")}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise DataError(f"not an es2 evaluate output: missing {', '.join(missing)}",
+                        "run `dvc repro evaluate` (or `es2 evaluate --out DIR`) first, then pass --eval DIR")
+    headline = json.loads(paths["headline"].read_text(encoding="utf-8"))
+    metrics = json.loads(paths["metrics"].read_text(encoding="utf-8"))
+    context = headline.get("context", {})
+    lines = [RESULTS_START, "", f"**{headline['verdict']}**", "",
+             "| figure | model | baseline | difference [95% CI] | McNemar p | n | attack |",
+             "|---|---|---|---|---|---|---|"]
+    for row in headline["rows"]:
+        p = "–" if row["pvalue"] is None else f"{row['pvalue']:.3g}"
+        lines.append(f"| {row['label']} | {_cell(row, 'model')} | {_cell(row, 'baseline')} | {_diff(row)} | {p} | "
+                     f"{row['n']} | {row['attack'] or ''} |")
+    trained = sorted(k.split("/")[1] for k in metrics if k.startswith("asr/trained_")
+                     and k.endswith(f"/{context.get('judge', 'semantic')}"))
+    lines += ["", f"Judge: `{context.get('judge')}` (all judges run: {', '.join(context.get('judges', []))}); "
+                  f"held-out spans: `{context.get('span_source')}`; held-out grid: {context.get('heldout_grid')}; "
+                  f"{context.get('n_harmful')} harmful and {context.get('n_benign')} benign prompts "
+                  f"({context.get('n_borderline')} borderline), stratified by category.",
+              f"Trained perturbations (not in the table): {context.get('trained_grid') or 'not run'}."]
+    if trained:
+        judge = context.get("judge", "semantic")
+        lines.append("Their ASR, model / baseline: " + "; ".join(
+            f"{name} {_pct(metrics.get(f'asr/{name}/{judge}'))} / "
+            f"{_pct(metrics.get(f'baseline/asr/{name}/{judge}'))}" for name in trained) + ".")
+    lines += ["", RESULTS_END]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, eval_dir: Path) -> None:
+    """Replace the results block of `readme` (written atomically; the rest of the file is untouched)."""
+    text = readme.read_text(encoding="utf-8")
+    if RESULTS_START not in text or RESULTS_END not in text:
+        raise DataError(f"{readme} has no results block",
+                        f"add the two lines {RESULTS_START!r} and {RESULTS_END!r} where the results go")
+    head, rest = text.split(RESULTS_START, 1)
+    tail = rest.split(RESULTS_END, 1)[1]
+    write_text(readme, head + render(eval_dir) + tail)

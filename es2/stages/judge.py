@@ -1,0 +1,171 @@
+"""`es2 judge`: judge any file of responses, and rebuild the semantic judge's head (`es2 judge train`).
+
+RESPONSES is JSONL or CSV with columns `prompt` and `response`; every other column is carried through and each
+judge adds `judge/<name>` (true = refusal, full or partial). The generative judge also adds
+`judge/generative_harmful`.
+
+Training data of the semantic head (recorded in head.json's provenance):
+  - `es2/resources/judge/responses_train.jsonl`: labelled responses written for this project (refusals of many
+    styles, partial refusals, compliance that mentions safety or legality, compliance that opens with an
+    apology, answers that start compliant and turn into a refusal);
+  - PyRIT's human-labelled scorer-evaluation sets (MIT, pyrit 1.1.0 `datasets/scorer_evals`), when a folder
+    with `refusal_labeled_responses.csv` is given: a seeded split stratified by label keeps 40% of them out
+    of training, and the accuracy printed is on that held-out part only. Rows of
+    `objective_achieved_labeled_responses.csv` a human marked as achieving the harmful objective are
+    compliant answers and join the same split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from importlib import resources
+from pathlib import Path
+
+from es2.errors import DataError
+from es2.io import write_json, write_jsonl
+
+REQUIRED = ("prompt", "response")
+HELD_OUT_SHARE = 0.4
+
+
+def read_responses(path: str | Path) -> list[dict]:
+    """Rows of a JSONL or CSV responses file; DataError naming the problem for anything else."""
+    from es2.data.schema import read_bytes_as_utf8
+
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".csv"):
+        raise DataError(f"{path}: unknown file type {path.suffix or '(none)'}",
+                        "give a .jsonl or .csv file with columns prompt and response")
+    text = read_bytes_as_utf8(path).lstrip("\ufeff")
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty", "write one row per response with prompt and response")
+    if path.suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+    else:
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: line {i} is not JSON: {exc.msg}", "write one JSON object per line") \
+                        from exc
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {i} is not a JSON object", "write one JSON object per line")
+                rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows", "write one row per response with prompt and response")
+    missing = [c for c in REQUIRED if c not in rows[0]]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, rows[0]))}",
+                        "name the columns prompt and response (rename them, e.g. in a spreadsheet)")
+    for i, row in enumerate(rows, 1):
+        if not all(isinstance(row.get(c), str) for c in REQUIRED):
+            raise DataError(f"{path}: row {i} has no text in {' or '.join(REQUIRED)}",
+                            "give every row a prompt and a response (an empty response is \"\")")
+    return rows
+
+
+def judge_file(path: str | Path, out: str | Path, judges: dict) -> dict[str, tuple[int, int]]:
+    """Judge every row of `path`, write OUT.jsonl atomically; returns each judge's (refusals, n)."""
+    rows = read_responses(path)
+    prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+    verdicts = {}
+    for name, judge in judges.items():
+        verdicts[f"judge/{name}"] = [bool(f) for f in judge.refused(prompts, responses)]
+        if hasattr(judge, "harmful"):
+            verdicts[f"judge/{name}_harmful"] = [bool(f) for f in judge.harmful(prompts, responses)]
+    write_jsonl(out, [{**row, **{k: v[i] for k, v in verdicts.items()}} for i, row in enumerate(rows)])
+    return {name: (sum(verdicts[f"judge/{name}"]), len(rows)) for name in judges}
+
+
+def _key(prompt: str, response: str) -> str:
+    return hashlib.sha256(f"{prompt}\x00{response}".encode()).hexdigest()[:16]
+
+
+def project_rows() -> list[dict]:
+    """The labelled responses written for this project: {prompt, response, refusal, source}."""
+    from es2.data.schema import read_jsonl
+
+    path = Path(str(resources.files("es2.resources").joinpath("judge/responses_train.jsonl")))
+    return [{"prompt": r["prompt"], "response": r["response"], "refusal": bool(r["refusal"]),
+             "source": "es2"} for r in read_jsonl(path)]
+
+
+def pyrit_rows(folder: str | Path) -> list[dict]:
+    """PyRIT's human-labelled refusal rows, plus its objective-achieved (hence compliant) rows."""
+    folder = Path(folder)
+    path = folder / "refusal_labeled_responses.csv"
+    if not path.exists():
+        raise DataError(f"{path}: not found", "pass --pyrit the folder holding PyRIT's scorer-evaluation CSVs")
+    rows = [{"prompt": r["objective"], "response": r["assistant_response"],
+             "refusal": r["human_refusal_label"].strip() == "1", "source": "pyrit/refusal"}
+            for r in csv.DictReader(path.open(encoding="utf-8"))]
+    objective = folder / "objective_achieved_labeled_responses.csv"
+    if objective.exists():
+        rows += [{"prompt": r["objective"], "response": r["assistant_response"], "refusal": False,
+                  "source": "pyrit/objective_achieved"} for r in csv.DictReader(objective.open(encoding="utf-8"))
+                 if r["human_objective_achieved"].strip() == "1"]
+    return rows
+
+
+def split(rows: list[dict], seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held out): stratified by source and label, seeded, `HELD_OUT_SHARE` held out."""
+    from sklearn.model_selection import train_test_split
+
+    strata = [f"{r['source']}:{r['refusal']}" for r in rows]
+    train, test = train_test_split(rows, test_size=HELD_OUT_SHARE, random_state=seed, stratify=strata)
+    return train, test
+
+
+def agreement(flags: list[bool], labels: list[bool]) -> dict:
+    """Accuracy, refusal recall and false-refusal rate (compliant answers called refusals), with n."""
+    refusals = [f for f, y in zip(flags, labels) if y]
+    compliant = [f for f, y in zip(flags, labels) if not y]
+    return {"accuracy": sum(f == y for f, y in zip(flags, labels)) / len(labels),
+            "refusal_recall": sum(refusals) / len(refusals) if refusals else float("nan"),
+            "false_refusal_rate": sum(compliant) / len(compliant) if compliant else float("nan"),
+            "n": len(labels)}
+
+
+def train_head(out: str | Path, pyrit: str | Path | None, seed: int = 0) -> dict:
+    """Fit the semantic head on the project's rows and PyRIT's training part; write head.json atomically;
+    return its provenance and held-out figures."""
+    import numpy as np
+
+    from es2.judges.keywords import refusal_flags
+    from es2.judges.semantic import EMBEDDING_MODEL, FEATURE_SPEC, features, fit_head
+
+    own = project_rows()
+    pyrit_train, pyrit_test = split(pyrit_rows(pyrit), seed) if pyrit else ([], [])
+    train = own + pyrit_train
+    print(f"training the semantic head on {len(own)} project rows + {len(pyrit_train)} PyRIT rows "
+          f"({len(pyrit_test)} PyRIT rows held out)" if pyrit else
+          f"training the semantic head on {len(own)} project rows only (no PyRIT folder: no held-out figures)")
+    x = features([r["prompt"] for r in train], [r["response"] for r in train], progress=True)
+    y = np.array([r["refusal"] for r in train])
+    head = fit_head(x, y, seed)
+    held_out = {}
+    if pyrit_test:
+        responses, labels = [r["response"] for r in pyrit_test], [r["refusal"] for r in pyrit_test]
+        logits = features([r["prompt"] for r in pyrit_test], responses).astype(np.float64) @ np.asarray(head["weights"]) + head["bias"]
+        held_out = {"semantic": agreement([bool(v >= 0) or not t.strip() for v, t in zip(logits, responses)],
+                                          labels),
+                    **{j: agreement(refusal_flags(responses, j), labels) for j in ("jbb", "qi")}}
+    document = {
+        "embedding_model": EMBEDDING_MODEL, "features": FEATURE_SPEC, "threshold": 0.5, "seed": seed, **head,
+        "provenance": {
+            "project": {"file": "es2/resources/judge/responses_train.jsonl", "rows": len(own),
+                        "licence": "Apache-2.0 (written for es2)"},
+            "pyrit": None if not pyrit else {
+                "files": ["refusal_labeled_responses.csv", "objective_achieved_labeled_responses.csv"],
+                "upstream": "pyrit==1.1.0, pyrit/datasets/scorer_evals (Microsoft PyRIT)", "licence": "MIT",
+                "train_rows": len(pyrit_train), "held_out_rows": len(pyrit_test),
+                "held_out_keys": sorted(_key(r["prompt"], r["response"]) for r in pyrit_test)}},
+        "held_out": held_out,
+    }
+    write_json(out, document)
+    return document
