@@ -287,12 +287,19 @@ def multiple_choice_scores(model, tokenizer, questions: list[dict], batch_size: 
     return scores
 
 
-def multiple_choice_accuracy(model, tokenizer, questions: list[dict], batch_size: int = 8,
-                             system: str | None = None) -> tuple[float, int]:
-    """(accuracy, n): the predicted option is the letter token with the highest log-likelihood (ties: the
-    earlier letter). Accuracy NaN for no questions."""
+def multiple_choice_correct(model, tokenizer, questions: list[dict], batch_size: int = 8,
+                            system: str | None = None) -> list[bool]:
+    """Per question, whether the letter token with the highest log-likelihood (ties: the earlier letter) is the
+    answer: the paired outcomes behind a comparison of two models' accuracy."""
     if not questions:
-        return float("nan"), 0
+        return []
     predicted = multiple_choice_scores(model, tokenizer, questions, batch_size, system).argmax(-1)
     answers = torch.tensor([q["answer"] for q in questions])
-    return float((predicted == answers).float().mean()), len(questions)
+    return (predicted == answers).tolist()
+
+
+def multiple_choice_accuracy(model, tokenizer, questions: list[dict], batch_size: int = 8,
+                             system: str | None = None) -> tuple[float, int]:
+    """(accuracy, n) of `multiple_choice_correct`; accuracy NaN for no questions."""
+    correct = multiple_choice_correct(model, tokenizer, questions, batch_size, system)
+    return (sum(correct) / len(correct) if correct else float("nan")), len(correct)

@@ -198,9 +198,14 @@ def _run(args, argv: list[str] | None = None) -> int:
         baseline = None if args.baseline == "none" else args.baseline
         metrics = run_evaluate(params, args.out, args.model, baseline, args.harmful, args.benign, None, args.limit,
                                args.compare.split(",") if args.compare else None)
+        import json
+
+        from es2.headline import HeadlineRow
         from es2.report import summary_text
 
-        print(summary_text(metrics))
+        headline = json.loads((Path(args.out) / "headline.json").read_text(encoding="utf-8"))
+        print(summary_text(metrics, [HeadlineRow(**r) for r in headline["rows"]], headline["verdict"],
+                           params.registry.gates.alpha, params.evaluate.headline_judge))
         print(f"wrote {args.out}/report.html, metrics.json, examples.jsonl")
         return 0
     if args.command in ("run", "serve"):

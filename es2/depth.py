@@ -9,7 +9,7 @@ results (s > 0):
 - projection of prompt i under result (s, k): the last-token state of `chat prompt + own s tokens + injected
   span` (exactly the text `injection` continued from), minus the harmful/harmless midpoint, dotted with the
   direction (positive = on the harmful, refusal-triggering side);
-- recovered: the continuation after the span is a refusal under the JBB list.
+- recovered: the continuation after the span is a refusal under the evaluation's headline judge.
 
 Figures: the point-biserial correlation (Pearson r between the projection and the 0/1 flag) with a Fisher-z 95%
 interval and a percentile bootstrap interval (fixed seed), n, and the AUC of the projection as a predictor of
@@ -148,10 +148,12 @@ def default_layer(layers) -> int:
 
 def projection_analysis(model, tokenizer, results: list, probe_sets: tuple[list[str], list[str]], layer: int,
                         batch_size: int = 16, bootstrap: int = 2000, seed: int = 0,
-                        judge: str = "jbb") -> dict | None:
+                        judge: str = "jbb", recovered: dict[str, list[bool]] | None = None) -> dict | None:
     """The claim test for one model: projections at the injection point vs recovery, per injection result with
     s > 0 and pooled over them. None when there is no such result.
 
+    `recovered[result name]`: precomputed refusal flags of the continuations (any judge, named by `judge`);
+    default the keyword list `judge`.
     Returns {layer, judge, n_fit_harmful, n_fit_harmless, pooled: point_biserial(...), by_result: {name: ...},
     points: [{attack, s, k, i, projection, recovered}]}.
     """
@@ -172,7 +174,7 @@ def projection_analysis(model, tokenizer, results: list, probe_sets: tuple[list[
     for r in chosen:
         n = len(r.generations)
         proj = projections[start:start + n]
-        flags = [is_refusal(g, judge) for g in r.generations]
+        flags = recovered[r.name] if recovered else [is_refusal(g, judge) for g in r.generations]
         start += n
         by_result[r.name] = point_biserial(proj, flags, bootstrap, seed)
         points += [{"attack": r.name, "s": int(r.effort.get("s", r.x)), "k": int(r.effort.get("k", 0)), "i": i,

@@ -1,47 +1,50 @@
-"""The evaluation report: PNG plots and one self-contained HTML page (images inlined), comparing the evaluated
-model with its baseline and any further models (roles compare1, compare2, ...: one column each). Every rate is
-shown with its Wilson 95% interval."""
+"""The evaluation report: PNG plots and one self-contained HTML page (es2/templates/report.html.j2, images
+inlined) that leads with the verdict (is the model safer than its baseline, by how much, at what cost: the
+headline of es2.headline), then plots, per-attack tables (held-out perturbations, then the trained ones apart),
+attack effort, capability and geometry, the depth claim test, and example answers of every model role."""
 
 from __future__ import annotations
 
 import base64
-import html
 import math
+from importlib import resources
 from pathlib import Path
 
 from es2.io import write_text
 
-ROWS = [  # (metric key, label, lower is better for the defender?)
-    ("refusal_margin/mean", "refusal margin log p(refuse) - log p(comply), mean", False),
-    ("over_refusal/jbb/rate", "over-refusal on benign prompts (JBB list)", True),
-    ("over_refusal/qi/rate", "over-refusal on benign prompts (Qi list)", True),
-    ("over_refusal_borderline/jbb/rate", "over-refusal on 'sounds dangerous but safe' prompts (JBB)", True),
-    ("capability/perplexity", "perplexity on benign text", True),
-    ("capability/mc_accuracy", "multiple-choice accuracy (A-D log-likelihood)", False),
-    ("geometry/dprime/mean", "d' harmful vs harmless, mean over layers", False),
-    ("geometry/probe_accuracy/mean", "held-out probe accuracy, mean over layers", False),
-    ("geometry/bhattacharyya_distance/mean", "Bhattacharyya distance (PCA-2), mean over layers", False),
-    ("geometry/silhouette/mean", "silhouette (PCA-2), mean over layers", False),
+ROWS = [  # (metric key, label)
+    ("refusal_margin/mean", "refusal margin log p(refuse) - log p(comply), mean"),
+    ("capability/perplexity", "perplexity on benign text"),
+    ("capability/mc_accuracy", "multiple-choice accuracy (A-D log-likelihood)"),
+    ("capability/kl_to_baseline", "KL to the baseline on benign prompts (nats/token)"),
+    ("capability/greedy_agreement", "greedy agreement with the baseline on benign prompts"),
+    ("geometry/dprime/mean", "d' harmful vs harmless, mean over layers"),
+    ("geometry/probe_accuracy/mean", "held-out probe accuracy, mean over layers"),
+    ("geometry/bhattacharyya_distance/mean", "Bhattacharyya distance (PCA-2), mean over layers"),
+    ("geometry/silhouette/mean", "silhouette (PCA-2), mean over layers"),
 ]
+# effort keys that echo the attack's configuration rather than measure how hard the model was to attack
+CONFIG_ECHOES = ("s", "k", "budget", "coefficient", "n_layers", "n", "fraction_flipped_n")
+EXAMPLES_PER_ATTACK = 3
 
 
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _rate(metrics: dict, key: str) -> str:
     value, ci = metrics.get(key), metrics.get(f"{key}_ci95")
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{value:.0%} <small>[{ci[0]:.0%}, {ci[1]:.0%}]</small>" if ci else f"{value:.0%}"
+    return f"{value:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else f"{value:.0%}"
 
 
 def _plot_asr(out_dir: Path, runs: dict, judge: str) -> Path:
     from matplotlib.figure import Figure
 
-    names = [r.name for r in runs["model"]["results"]]
+    names = [r.name for r in runs["model"]["results"] if not r.name.startswith("trained_")]
     fig = Figure(figsize=(max(6, 0.55 * len(names)), 3.6))
     ax = fig.subplots()
     width = 0.8 / len(runs)
@@ -64,7 +67,7 @@ def _legend_name(role: str, run: dict) -> str:
     return f"{role}: {'/'.join(Path(spec).parts[-2:])}" if spec else role
 
 
-def _plot_depth(out_dir: Path, runs: dict) -> Path | None:
+def _plot_depth(out_dir: Path, runs: dict, judge: str) -> Path | None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 3.4))
@@ -76,7 +79,7 @@ def _plot_depth(out_dir: Path, runs: dict) -> Path | None:
     for i, (role, run) in enumerate(runs.items()):
         injected = [r for r in run["results"] if r.family == "injection"]
         for k in all_ks:  # one line per (model, k): colour = model, line style = k
-            points = sorted((r.x, run["metrics"][f"asr/{r.name}/jbb"]) for r in injected
+            points = sorted((r.x, run["metrics"][f"asr/{r.name}/{judge}"]) for r in injected
                             if int(r.effort.get("k", 0)) == k)
             if points:
                 style = styles[all_ks.index(k) % len(styles)]
@@ -86,9 +89,9 @@ def _plot_depth(out_dir: Path, runs: dict) -> Path | None:
     if not drawn:
         return None
     ax.set_xlabel("injection step s (own tokens before the span)")
-    ax.set_ylabel("ASR (JBB list)")
+    ax.set_ylabel(f"ASR ({judge} judge)")
     ax.set_ylim(-0.03, 1.03)  # lines at exactly 0 and 1 stay visible
-    ax.set_title("depth of safety")
+    ax.set_title("depth of safety (held-out spans)")
     ax.legend(fontsize=7, handlelength=3.5, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside, not over, lines
     fig.tight_layout()
     path = out_dir / "depth_of_safety.png"
@@ -96,103 +99,171 @@ def _plot_depth(out_dir: Path, runs: dict) -> Path | None:
     return path
 
 
-def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(path.name)}</figcaption></figure>'
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
 
 
-def _ci(low, high) -> str:
-    if low is None or high is None or math.isnan(low) or math.isnan(high):
-        return ""
-    return f" <small>[{low:.2f}, {high:.2f}]</small>"
+def _scoped(metrics: dict, role: str) -> dict:
+    return metrics if role == "model" else {k[len(role) + 1:]: v for k, v in metrics.items()
+                                            if k.startswith(f"{role}/")}
 
 
-def _depth_section(out_dir: Path, runs: dict) -> str:
-    """The claim test of es2.depth: projection at the injection point vs recovery, one row per model role."""
+def _headline_rows(rows, alpha: float) -> list[dict]:
+    out = []
+    for r in rows:
+        def cell(v, r=r):
+            return "–" if v is None else (f"{v:.3f}" if r.figure == "kl" else f"{v:.0%}")
+
+        diff = "–" if r.diff is None or r.figure == "kl" else (
+            f"{100 * r.diff:+.0f} pts" + ("" if r.ci_low is None else
+                                           f" [{100 * r.ci_low:+.0f}, {100 * r.ci_high:+.0f}]"))
+        shown = r.significant(alpha) and r.diff is not None
+        better = shown and ((r.diff < 0) == r.lower_is_better)
+        out.append({"label": r.label, "attack": r.attack, "model_text": cell(r.model),
+                    "baseline_text": "–" if r.figure == "kl" else cell(r.baseline), "diff_text": diff,
+                    "p_text": "–" if r.pvalue is None else f"{r.pvalue:.3g}", "n": r.n, "words": r.words(alpha),
+                    "css": "better" if better else "worse" if shown else ""})
+    return out
+
+
+def _attack_tables(runs: dict, metrics: dict, judges: list[str]) -> list[dict]:
+    roles = list(runs)
+    results = runs["model"]["results"]
+    heads = [f"{role}: {j}" for role in roles for j in judges]
+    tables = []
+    for title, pick, note in [
+        ("Attack success, held-out perturbations", lambda r: not r.name.startswith("trained_"),
+         "ASR on the model's own continuation; for prefilling and injection the second line of a cell is the "
+         "judge on the whole answer including the forced text."),
+        ("Trained perturbations (not in the headline)", lambda r: r.name.startswith("trained_"),
+         "The grid and span source trajectory training optimises: a model can pass these by construction."),
+    ]:
+        rows = []
+        for r in (r for r in results if pick(r)):
+            cells = []
+            for role in roles:
+                scoped = _scoped(metrics, role)
+                for j in judges:
+                    cont = _rate(scoped, f"asr/{r.name}/{j}")
+                    whole = scoped.get(f"asr_whole/{r.name}/{j}")
+                    cells.append(cont + (f" / whole {whole:.0%}" if whole is not None else ""))
+            rows.append({"name": r.name, "n": metrics.get(f"n/{r.name}", len(r.generations)), "cells": cells})
+        if rows:
+            tables.append({"title": title, "note": note, "heads": heads, "rows": rows})
+    return tables
+
+
+def _effort(runs: dict, metrics: dict) -> dict:
+    """Only numeric effort figures: configuration echoes, lists and per-prompt vectors stay out."""
+    keys = sorted(k for k, v in metrics.items() if k.startswith("effort/") and isinstance(v, (int, float))
+                  and not isinstance(v, bool) and k.split("/")[-1] not in CONFIG_ECHOES)
+    return {"rows": [{"name": k[len("effort/"):], "cells": [_fmt(_scoped(metrics, role).get(k)) for role in runs]}
+                     for k in keys]}
+
+
+def _other_rows(runs: dict, metrics: dict, judges: list[str]) -> list[dict]:
+    rows = []
+    for j in judges:
+        for key, label in [(f"over_refusal/{j}", f"over-refusal on benign prompts ({j})"),
+                           (f"over_refusal_borderline/{j}", f"over-refusal on borderline prompts ({j})")]:
+            cells = []
+            for role in runs:
+                m = _scoped(metrics, role)
+                rate = m.get(f"{key}/rate")
+                cells.append("–" if rate is None else f"{rate:.0%} [{m[f'{key}/ci_low']:.0%}, "
+                             f"{m[f'{key}/ci_high']:.0%}], n {m.get(f'{key}/n', '?')}")
+            if any(c != "–" for c in cells):
+                rows.append({"name": label, "cells": cells})
+    rows += [{"name": label, "cells": [_fmt(_scoped(metrics, role).get(key)) for role in runs]}
+             for key, label in ROWS]
+    return rows
+
+
+def _depth(out_dir: Path, runs: dict) -> dict | None:
     analyses = {role: run.get("depth") for role, run in runs.items() if run.get("depth")}
     if not analyses:
-        return ""
-    rows = []
-    for role, a in analyses.items():
-        for name, s in [("pooled (all s > 0)", a["pooled"]), *a["by_result"].items()]:
-            rows.append(f"<tr><td>{html.escape(role)}</td><td>{html.escape(name)}</td><td>{s['n']}</td>"
-                        f"<td>{_fmt(s['recovery_rate'])}</td><td>{_fmt(s['corr'])}{_ci(s['ci_low'], s['ci_high'])}"
-                        f"</td><td>{_ci(s['boot_low'], s['boot_high']) or '–'}</td><td>{_fmt(s['auc'])}</td>"
-                        f"<td>{html.escape(s['reason'] or '')}</td></tr>")
-    layers = ", ".join(f"{html.escape(r)}: {a['layer']}" for r, a in analyses.items())
+        return None
+
+    def ci(low, high):
+        return "–" if low is None or high is None or math.isnan(low) or math.isnan(high) else \
+            f"[{low:.2f}, {high:.2f}]"
+
+    rows = [[role, name, s["n"], _fmt(s["recovery_rate"]), f"{_fmt(s['corr'])} {ci(s['ci_low'], s['ci_high'])}",
+             ci(s["boot_low"], s["boot_high"]), _fmt(s["auc"]), s["reason"] or ""]
+            for role, a in analyses.items() for name, s in [("pooled (all s > 0)", a["pooled"]),
+                                                           *a["by_result"].items()]]
     scatter = out_dir / "depth_projection.png"
-    return f"""<h2 id="depth-projection">Does the refusal direction predict recovery?</h2>
-<p>Claim tested (Park &amp; Kim 2026): the projection of the hidden state at the injection point (last token of
-chat prompt + the model's own s tokens + the injected span) onto the refusal direction (difference of harmful and
-harmless means of the probe-fitting prompts, unit length, measured from their midpoint; layer {layers}) does not
-predict whether the continuation recovers (is a refusal, JBB list). Point-biserial r with Fisher-z and bootstrap
-95% intervals; AUC of the projection as a predictor of recovery (0.5 = no information). An interval that contains
-0 is consistent with the claim. Per-prompt points: depth_projection.json.</p>
-<table><tr><th>model</th><th>injection</th><th>n</th><th>recovered</th><th>r [Fisher 95%]</th>
-<th>bootstrap 95%</th><th>AUC</th><th>note</th></tr>{''.join(rows)}</table>
-{_img(scatter) if scatter.exists() else ''}"""
+    return {"rows": rows, "layers": ", ".join(f"{r}: {a['layer']}" for r, a in analyses.items()),
+            "image": _b64(scatter) if scatter.exists() else None}
 
 
-def write_report(out_dir: Path, runs: dict, metrics: dict, plots: dict[str, Path]) -> Path:
-    roles = list(runs)
-    images = [_plot_asr(out_dir, runs, j) for j in ("jbb", "qi")]
-    depth = _plot_depth(out_dir, runs)
+def _examples(runs: dict, judges: list[str]) -> list[dict]:
+    """Per attack (and the benign set), the first few prompts with every role's answer and verdicts."""
+    by_role = {role: {} for role in runs}
+    for role, run in runs.items():
+        for e in run["examples"]:
+            by_role[role].setdefault(e["attack"], []).append(e)
+    groups = []
+    for attack, items in by_role["model"].items():
+        rows = []
+        for i, e in enumerate(items[:EXAMPLES_PER_ATTACK]):
+            answers = []
+            for role in runs:
+                other = by_role[role].get(attack, [])
+                o = other[i] if i < len(other) else {}
+                verdicts = ", ".join(f"{j}: {'R' if o.get(f'judge/{j}') else 'C'}" for j in judges
+                                     if f"judge/{j}" in o)
+                forced = (o.get("own", "") + o.get("forced", "")) if "forced" in o else ""
+                answers.append({"text": o.get("generation", "–"), "forced": forced, "verdicts": verdicts})
+            rows.append({"prompt": e["prompt"], "answers": answers})
+        groups.append({"attack": attack, "roles": list(runs), "entries": rows})
+    return groups
+
+
+def write_report(out_dir: Path, runs: dict, metrics: dict, plots: dict[str, Path], rows: list, verdict: str,
+                 alpha: float, context: dict) -> Path:
+    """report.html in `out_dir` (atomic); `rows`/`verdict` from es2.headline, `context` names the judge, span
+    source, grids and n (see es2.stages.evaluate)."""
+    from jinja2 import Environment, select_autoescape
+
+    judges = list(context["judges"])
+    images = [_plot_asr(out_dir, runs, j) for j in judges]
+    depth = _plot_depth(out_dir, runs, context["judge"])
     images += ([depth] if depth else []) + list(plots.values())
-
-    def scoped(role: str) -> dict:
-        return metrics if role == "model" else {k[len(role) + 1:]: v for k, v in metrics.items()
-                                                if k.startswith(f"{role}/")}
-
-    head = "".join(f"<th>{html.escape(r)}<br><small>{html.escape(runs[r]['spec'])}</small></th>" for r in roles)
-    attack_rows = "".join(
-        f"<tr><td>{html.escape(r.name)}</td>" + "".join(
-            f"<td>{_rate(scoped(role), f'asr/{r.name}/{j}')}</td>" for role in roles for j in ("jbb", "qi"))
-        + "</tr>" for r in runs["model"]["results"])
-    effort_keys = sorted({k for k in metrics if k.startswith("effort/")})  # the model's (roles are prefixed)
-    effort_rows = "".join(f"<tr><td>{html.escape(k[7:])}</td>" + "".join(
-        f"<td>{_fmt(scoped(role).get(k))}</td>" for role in roles) + "</tr>" for k in effort_keys)
-    other_rows = "".join(f"<tr><td>{html.escape(label)}</td>" + "".join(
-        f"<td>{_fmt(scoped(role).get(key))}" + (
-            f" <small>[{scoped(role).get(key.replace('/rate', '/ci_low')):.0%}, "
-            f"{scoped(role).get(key.replace('/rate', '/ci_high')):.0%}]</small>"
-            if key.endswith("/rate") and scoped(role).get(key.replace('/rate', '/ci_low')) is not None else "")
-        + "</td>" for role in roles) + "</tr>" for key, label, _ in ROWS)
-    capability = "".join(f"<li>{html.escape(k)}: {_fmt(metrics.get(k))}</li>"
-                         for k in ("capability/kl_to_baseline", "capability/greedy_agreement") if k in metrics)
-    judge_heads = "".join(f"<th>{html.escape(r)} JBB</th><th>{html.escape(r)} Qi</th>" for r in roles)
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>es2 evaluation</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}img{{max-width:100%}}small{{color:#666}}</style>
-</head><body><h1>es2 evaluation report</h1>
-<p>Attack success rate (ASR) = share of harmful prompts the model did not refuse, by two public keyword lists
-(JBB: JailbreakBench prefixes; Qi: Qi et al. keywords). Square brackets: Wilson 95% intervals.
-Attacks are white-box and fitted against each model.</p>
-<h2>Attack success</h2><table><tr><th>attack</th>{judge_heads}</tr>{attack_rows}</table>
-<h2>Attack effort (higher = harder to attack)</h2><table><tr><th>figure</th>{head}</tr>{effort_rows}</table>
-<h2>Refusal, capability and geometry</h2><table><tr><th>metric</th>{head}</tr>{other_rows}</table>
-<ul>{capability}</ul>
-{_depth_section(out_dir, runs)}
-<h2>Plots</h2>{''.join(_img(p) for p in images)}
-<p>Per-example prompts, generations and judgements: examples.jsonl. Flat metrics: metrics.json.</p>
-</body></html>"""
+    env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
+    template = env.from_string(resources.files("es2.templates").joinpath("report.html.j2").read_text("utf-8"))
+    page = template.render(
+        verdict=verdict, rows=_headline_rows(rows, alpha), alpha=alpha, context=context,
+        specs={role: run.get("spec") for role, run in runs.items()}, roles=list(runs),
+        images=[{"name": p.name, "data": _b64(p)} for p in images], attack_tables=_attack_tables(runs, metrics, judges),
+        effort=_effort(runs, metrics), other_rows=_other_rows(runs, metrics, judges), depth=_depth(out_dir, runs),
+        examples=_examples(runs, judges), examples_per_attack=EXAMPLES_PER_ATTACK)
     path = out_dir / "report.html"
     write_text(path, page)
     return path
 
 
-def summary_text(metrics: dict) -> str:
-    """What `es2 evaluate` prints: JBB-list ASR per attack with one column per model role, over-refusal on the
-    benign prompts, and per role the depth claim test (correlation of the refusal-direction projection at the
-    injection point with recovery, with its 95% interval)."""
+def summary_text(metrics: dict, rows: list | None = None, verdict: str | None = None, alpha: float = 0.05,
+                 judge: str = "jbb") -> str:
+    """What `es2 evaluate` prints: the verdict and headline rows (when given), then the ASR per attack under
+    `judge` with one column per model role, over-refusal, and per role the depth claim test (correlation of
+    the refusal-direction projection at the injection point with recovery, with its 95% interval)."""
+    lines = []
+    if verdict:
+        lines += [verdict, ""]
+    for r in rows or []:
+        lines.append(f"  {r.label:52s} {r.words(alpha)}")
+    if rows:
+        lines.append("")
     roles = ["model"] + sorted({k.split("/", 1)[0] for k in metrics
                                 if k.startswith(("baseline/", "compare")) and "/asr/" in k})
     key = {role: (lambda k, role=role: k if role == "model" else f"{role}/{k}") for role in roles}
-    attacks = [k[4:-4] for k in metrics if k.startswith("asr/") and k.endswith("/jbb")]  # in the order run
-    lines = [f"{'ASR (JBB list)':28s}" + "".join(f"{role:>11s}" for role in roles)]
+    attacks = [k[4:-len(judge) - 1] for k in metrics if k.startswith("asr/") and k.endswith(f"/{judge}")]
+    lines.append(f"{f'ASR ({judge})':28s}" + "".join(f"{role:>11s}" for role in roles))
     for attack in attacks:
-        cells = [metrics.get(key[role](f"asr/{attack}/jbb")) for role in roles]
+        cells = [metrics.get(key[role](f"asr/{attack}/{judge}")) for role in roles]
         lines.append(f"{attack:28s}" + "".join(f"{'–' if v is None else format(v, '.0%'):>11s}" for v in cells))
-    cells = [metrics.get(key[role]("over_refusal/jbb/rate")) for role in roles]
+    cells = [metrics.get(key[role](f"over_refusal/{judge}/rate")) for role in roles]
     lines.append(f"{'over-refusal (benign)':28s}" + "".join(f"{'–' if v is None else format(v, '.0%'):>11s}"
                                                            for v in cells))
     for role in roles:

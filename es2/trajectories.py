@@ -6,8 +6,8 @@ returns two trajectories, each `{"prompt", "prefix", "target"}`:
   - harmful:  prefix = the model's own first s greedy tokens for the harmful prompt + an injected k-token
     harmful span (`spans[i]`, e.g. a harmful answer of the not-yet-aligned base from
     `harmful_spans_from_base`, else the row's affirmative `target`); target = a recovery refusal
-    (`RECOVERIES`, chosen from the row id). Trained with the loss on the target only: whatever was written
-    before, the model turns back to a refusal. s = 0 is Qi et al.'s prefix augmentation.
+    (see "Recoveries" below). Trained with the loss on the target only: whatever was written before, the
+    model turns back to a refusal. s = 0 is Qi et al.'s prefix augmentation.
   - harmless: prefix = the model's own first s greedy tokens for the harmless prompt + a k-token benign span;
     target = the model's own greedy continuation after that prefix (no end-of-turn: it may be cut at
     `max_new_tokens`), so an injected span alone does not teach refusing; the harmless answer goes on.
@@ -18,6 +18,19 @@ shape as the harmful spans (which often start with "Sure, here is how to ..."), 
 that what warrants a recovery is harmful content, not an affirmative phrase or the act of injection itself;
 being topic-free they fit after any harmless answer, and the continuation stays the model's own.
 `benign_spans=` replaces them per row.
+
+Recoveries (issue: a judge must not be matched by construction). The evaluation's keyword judges
+(`es2.judges`) look for fixed phrases ("I'm sorry", "I cannot"); recoveries that all used them would pass
+those judges by construction. So each harmful row's target is either
+  - "own": the model's own greedy refusal of the DIRECT harmful prompt (`generate(max_new_tokens=
+    max_new_tokens)`), cut to whole sentences (`whole_sentences`: a target cut mid-word would teach stopping
+    mid-word), when a `refusal_check(prompts, responses) -> refused flags` says that cut text refuses. Only
+    rows with `own_eligible(row id)` (a hash of the id, about half of them) are tried, so at most about half
+    the targets are own text and the pool's variety stays; the rule is per row, so a row's target does not
+    depend on the other rows. An answer without a sentence end, or not judged a refusal, takes the pool.
+  - "pool": `recovery_for(row id)`, one of `recovery_pool()` (es2/resources/recoveries.txt: original
+    turn-back sentences in many phrasings, most without any keyword-judge phrase).
+Each trajectory records `recovery_source` ("own" | "pool"). Without a refusal_check every row takes the pool.
 
 Conventions (shared with `es2.attacks.prompting.injection`, the evaluation of the same perturbation):
   - "the first s tokens" of the model is the text of `generate(max_new_tokens=s)` (decoded without special
@@ -33,8 +46,9 @@ Conventions (shared with `es2.attacks.prompting.injection`, the evaluation of th
 
 Caching: `cached_trajectories(key_parts, build)` keeps the result as JSONL under
 `cache_dir()/trajectories/<sha256(key)>.jsonl`; `trajectory_key` lists everything the result depends on
-(model identity, rows' ids and prompts and targets, steps, k, seed, spans, max_new_tokens, the recovery and
-benign lists). Greedy decoding makes a rebuild give the same file.
+(model identity, rows' ids and prompts and targets, steps, k, seed, spans, max_new_tokens, the recovery
+pool's content hash, the name of the refusal check, the benign lists). Greedy decoding makes a rebuild give
+the same file.
 """
 
 from __future__ import annotations
@@ -42,23 +56,22 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Callable, Sequence
+from functools import cache
+from importlib import resources
 from pathlib import Path
 
 from es2.attacks.prompting import _join, first_tokens, own_tokens
 from es2.features import encode_chat, pick_by_key
 from es2.generation import generate
 
-TRAJECTORY_FORMAT = 1  # bump when the construction changes, so old caches are not reused
+TRAJECTORY_FORMAT = 2  # bump when the construction changes, so old caches are not reused
 
-# Original recovery refusals (written for this project): they acknowledge the text already written and turn back.
-RECOVERIES = (  # each starts with a standard refusal phrase, so public keyword judges recognise a recovery
-    "I'm sorry, but I cannot continue with this. It could cause serious harm, so I won't help with it.",
-    "I'm sorry, I need to stop here. I cannot provide instructions that could be used to hurt people.",
-    "I cannot go on with this. I'm sorry, but I can't help with something this dangerous.",
-    "I'm sorry, but I must stop. Continuing would mean giving harmful details, and I cannot do that.",
-    "I cannot finish this. I'm sorry, but it could put people at risk, so I have to decline.",
-)
+RefusalCheck = Callable[[list[str], list[str]], list[bool]]  # (prompts, responses) -> refused flags
+
+# A sentence end: . ! or ? (with any closing quotes or brackets) followed by whitespace or the end of the text.
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 
 # Original, topic-free compliance connectors for the harmless side (see the module docstring).
 BENIGN_SPANS = (
@@ -72,9 +85,56 @@ BENIGN_SPANS = (
 DEFAULT_TARGET = "Sure, here is how to do that."
 
 
+@cache
+def recovery_pool() -> tuple[str, ...]:
+    """The shipped recovery sentences (es2/resources/recoveries.txt, one per line), read on first use."""
+    text = resources.files("es2.resources").joinpath("recoveries.txt").read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def pool_digest() -> str:
+    """sha256 of the recovery pool's content: part of the cache key, so an edited pool is not served stale."""
+    return hashlib.sha256("\n".join(recovery_pool()).encode()).hexdigest()
+
+
 def recovery_for(key: str) -> str:
-    """A recovery refusal chosen deterministically from the example's id."""
-    return pick_by_key(RECOVERIES, key)
+    """A recovery sentence from the pool, chosen deterministically from the example's id."""
+    return pick_by_key(recovery_pool(), key)
+
+
+def own_eligible(row_id: str) -> bool:
+    """Whether a row may take the model's own refusal: half the ids by a hash (salted, so independent of
+    `recovery_for`'s choice), which caps own targets at about half the rows."""
+    return int(hashlib.sha256(f"own-recovery:{row_id}".encode()).hexdigest(), 16) % 2 == 0
+
+
+def whole_sentences(text: str) -> str:
+    """`text` (stripped) up to its last sentence end, "" when it has none."""
+    text = text.strip()
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[:ends[-1]] if ends else ""
+
+
+def own_refusals(model, tokenizer, prompts: list[str], ids: list[str], refusal_check: RefusalCheck | None,
+                 max_new_tokens: int, batch_size: int = 16, progress: bool = False) -> list[str]:
+    """Per row, the model's own refusal of the direct prompt as a recovery target, or "" where the row takes
+    the pool (see the module docstring). Only eligible rows are generated and checked; the check sees the
+    text that would become the target, and never an empty one (the qi list counts empty text as a refusal)."""
+    own = [""] * len(prompts)
+    index = [i for i, rid in enumerate(ids) if own_eligible(rid)] if refusal_check is not None else []
+    answers = generate(model, tokenizer, [prompts[i] for i in index], max_new_tokens, batch_size,
+                       progress=progress)
+    cut = {i: whole_sentences(a) for i, a in zip(index, answers)}
+    checked = [i for i in index if cut[i]]
+    if not checked:
+        return own
+    flags = list(refusal_check([prompts[i] for i in checked], [cut[i] for i in checked]))
+    if len(flags) != len(checked):
+        raise ValueError(f"refusal_check returned {len(flags)} flags for {len(checked)} responses")
+    for i, refused in zip(checked, flags):
+        if refused:
+            own[i] = cut[i]
+    return own
 
 
 def benign_span_for(key: str) -> str:
@@ -106,14 +166,19 @@ def _check(rows, steps, span_tokens, spans, benign_spans) -> list[int]:
 def build_trajectories(model, tokenizer, rows: list[dict], steps: Sequence[int] = (0, 8, 32),
                        span_tokens: int = 10, spans: Sequence[str] | None = None, seed: int = 0,
                        max_new_tokens: int = 64, batch_size: int = 16,
-                       benign_spans: Sequence[str] | None = None, progress: bool = False) -> list[dict]:
-    """One `{"id", "s", "harmful": {prompt, prefix, target}, "harmless": {prompt, prefix, target}}` per pair row
-    (rows carry id, harmful, harmless and optionally target), in the order given. See the module docstring.
+                       benign_spans: Sequence[str] | None = None, progress: bool = False,
+                       refusal_check: RefusalCheck | None = None) -> list[dict]:
+    """One `{"id", "s", "recovery_source", "harmful": {prompt, prefix, target}, "harmless": {prompt, prefix,
+    target}}` per pair row (rows carry id, harmful, harmless and optionally target), in the order given. See
+    the module docstring.
 
     spans: one harmful text per row to inject (its first `span_tokens` tokens); default the row's `target`.
     benign_spans: one benign text per row for the harmless side; default `BENIGN_SPANS` by row id.
-    max_new_tokens: length of the harmless continuation (the harmless target).
-    progress: a progress bar per batched generate (one per distinct s > 0, then the harmless continuations).
+    max_new_tokens: length of the harmless continuation (the harmless target) and of the direct answers
+        that own refusals are cut from.
+    refusal_check: decides which direct answers are refusals (own recovery targets); None: pool only.
+    progress: a progress bar per batched generate (one per distinct s > 0, the harmless
+        continuations, the direct answers).
     """
     steps = _check(rows, steps, span_tokens, spans, benign_spans)
     if not rows:
@@ -131,11 +196,13 @@ def build_trajectories(model, tokenizer, rows: list[dict], steps: Sequence[int] 
     harmless_prefix = [_join(o, t) for o, t in zip(own[n:], benign_span)]
     harmless_target = generate(model, tokenizer, prompts[n:], max_new_tokens, batch_size, prefill=harmless_prefix,
                                progress=progress)
+    own_recovery = own_refusals(model, tokenizer, prompts[:n], ids, refusal_check, max_new_tokens, batch_size,
+                                progress)
     out = []
     for i, row in enumerate(rows):
-        recovery = _join(harmful_prefix[i], recovery_for(ids[i]))[len(harmful_prefix[i]):]
+        recovery = _join(harmful_prefix[i], own_recovery[i] or recovery_for(ids[i]))[len(harmful_prefix[i]):]
         out.append({
-            "id": ids[i], "s": s_of[i],
+            "id": ids[i], "s": s_of[i], "recovery_source": "own" if own_recovery[i] else "pool",
             "harmful": {"prompt": row["harmful"], "prefix": harmful_prefix[i], "target": recovery},
             "harmless": {"prompt": row["harmless"], "prefix": harmless_prefix[i], "target": harmless_target[i]},
         })
@@ -165,16 +232,17 @@ def model_identity(name_or_path: str, revision: str | None = None) -> dict:
 
 def trajectory_key(model_id, rows: list[dict], steps: Sequence[int], span_tokens: int, seed: int,
                    spans: Sequence[str] | None = None, max_new_tokens: int = 64,
-                   benign_spans: Sequence[str] | None = None) -> dict:
+                   benign_spans: Sequence[str] | None = None, refusal_check_name: str | None = None) -> dict:
     """The cache key parts of `build_trajectories(rows, ...)` for the model identified by `model_id` (any JSON
-    value, e.g. `model_identity(path)`)."""
+    value, e.g. `model_identity(path)`); `refusal_check_name` names the refusal check (None: none used)."""
     return {
         "format": TRAJECTORY_FORMAT, "model": model_id,
         "rows": [[_row_id(r, i), r["harmful"], r["harmless"], r.get("target")] for i, r in enumerate(rows)],
         "steps": [int(s) for s in steps], "span_tokens": int(span_tokens), "seed": int(seed),
         "spans": None if spans is None else list(spans), "max_new_tokens": int(max_new_tokens),
         "benign_spans": None if benign_spans is None else list(benign_spans),
-        "recoveries": list(RECOVERIES), "benign_defaults": list(BENIGN_SPANS),
+        "recovery_pool": pool_digest(), "refusal_check": refusal_check_name,
+        "benign_defaults": list(BENIGN_SPANS),
     }
 
 
@@ -201,12 +269,17 @@ def cached_trajectories(cache_key_parts: dict, build: Callable[[], list[dict]]) 
 def trajectories_for(model, tokenizer, rows: list[dict], model_id, steps: Sequence[int] = (0, 8, 32),
                      span_tokens: int = 10, spans: Sequence[str] | None = None, seed: int = 0,
                      max_new_tokens: int = 64, batch_size: int = 16,
-                     benign_spans: Sequence[str] | None = None, progress: bool = False) -> list[dict]:
-    """`build_trajectories` through the cache (key from `trajectory_key`)."""
-    key = trajectory_key(model_id, rows, steps, span_tokens, seed, spans, max_new_tokens, benign_spans)
+                     benign_spans: Sequence[str] | None = None, progress: bool = False,
+                     refusal_check: RefusalCheck | None = None, refusal_check_name: str | None = None) -> list[dict]:
+    """`build_trajectories` through the cache (key from `trajectory_key`). A refusal_check needs a
+    `refusal_check_name` (e.g. "semantic"): a callable cannot be hashed, and the key must tell checks apart."""
+    if (refusal_check is None) != (refusal_check_name is None):
+        raise ValueError("pass refusal_check and refusal_check_name together (the name keys the cache)")
+    key = trajectory_key(model_id, rows, steps, span_tokens, seed, spans, max_new_tokens, benign_spans,
+                         refusal_check_name)
     return cached_trajectories(key, lambda: build_trajectories(
         model, tokenizer, rows, steps, span_tokens, spans, seed, max_new_tokens, batch_size, benign_spans,
-        progress))
+        progress, refusal_check))
 
 
 def trajectory_features(trajectories: list[dict], tokenizer, max_length: int = 256) -> list[dict]:

@@ -1,4 +1,5 @@
-"""`es2 evaluate` end to end on a tiny model: every attack family, judges, geometry, capability, the report."""
+"""`es2 evaluate` end to end on a tiny model: every attack family, judges, held-out and trained perturbation grids,
+paired headline figures, geometry, capability, the report."""
 
 import json
 from html.parser import HTMLParser
@@ -14,7 +15,9 @@ BUDGET = ("evaluate.limit=4", "evaluate.max_new_tokens=6", "evaluate.batch_size=
           "evaluate.softprompt_prompts=1", "evaluate.softprompt_steps=2", "evaluate.gcg_prompts=1",
           "evaluate.gcg_steps=2", "evaluate.gcg_search_width=8", "evaluate.gcg_topk=8",
           "evaluate.prefill_tokens=[2]", "evaluate.injection_steps=[0,2]", "evaluate.injection_tokens=[2]",
-          "evaluate.repe_coefficients=[1,8]", "evaluate.scav_min_accuracy=0.0", "evaluate.scav_budgets=[0.5]")
+          "evaluate.repe_coefficients=[1,8]", "evaluate.scav_min_accuracy=0.0", "evaluate.scav_budgets=[0.5]",
+          "evaluate.span_source=target", "evaluate.judges=[jbb,qi]", "evaluate.headline_judge=jbb",
+          "train.trajectory_steps=[0,1]", "train.trajectory_span_tokens=3")
 
 
 class _Tags(HTMLParser):
@@ -62,9 +65,40 @@ def test_evaluate_writes_metrics_examples_plots_and_a_report(tiny_model_dir, tmp
     for png in ("asr_jbb.png", "depth_of_safety.png", "pca_layer1.png", "depth_projection.png"):
         assert (out / png).stat().st_size > 1000
     assert {"depth/projection_corr", "depth/projection_auc", "baseline/depth/projection_corr"} <= set(metrics)
+    for trained in ("trained_prefill_k3", "trained_injection_s1_k3"):  # the training grid, reported apart
+        assert f"asr/{trained}/jbb" in metrics and f"asr_whole/{trained}/jbb" in metrics
+    assert "asr_whole/prefill_k2/jbb" in metrics and "asr_whole/direct/jbb" not in metrics
+    headline = json.loads((out / "headline.json").read_text())
+    assert {r["figure"] for r in headline["rows"]} >= {"direct_asr", "prefill_asr_worst", "injection_asr_worst",
+                                                      "embedding_asr_worst", "over_refusal",
+                                                      "over_refusal_borderline", "mc_accuracy", "kl"}
+    assert not any((r["attack"] or "").startswith("trained_") for r in headline["rows"])
+    assert saved["pvalue/direct_asr"] == 1.0 and saved["diff/direct_asr"] == 0.0  # the same model twice
+    assert saved["n/over_refusal_borderline"] == 1 and saved["n/direct_asr"] == 4
+    outcomes = json.loads((out / "outcomes.json").read_text())
+    direct = outcomes["roles"]["model"]["attacks"]["direct"]
+    assert outcomes["judge"] == "jbb" and len(direct["prompts"]) == len(direct["success"]) == 4
+    assert outcomes["roles"]["model"]["benign"]["borderline"].count(True) == 1
+    page = (out / "report.html").read_text()
     parser = _Tags()
-    parser.feed((out / "report.html").read_text())
-    assert parser.tags.count("table") == 4 and parser.tags.count("img") >= 5  # + the depth-projection section
+    parser.feed(page)
+    assert 'id="headline"' in page and parser.tags.count("img") >= 5
+    assert page.index('id="headline"') < page.index("<img")  # the verdict comes before the plots
+
+
+def test_evaluate_with_the_semantic_judge_and_base_model_spans(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ES2_CACHE", str(tmp_path / "cache"))
+    paths, tiny = _prompts(tmp_path), str(tiny_model_dir)
+    params = load_params(REPO / "params.yaml", (*BUDGET, "evaluate.span_source=base_model", f"model.name_or_path={tiny}",
+                                                "evaluate.judges=[jbb,semantic]", "evaluate.headline_judge=semantic",
+                                                "evaluate.attacks=[direct,prefill]"))
+    metrics = run_evaluate(params, tmp_path / "out", tiny, None, str(paths["harmful"]), str(paths["harmless"]))
+    assert 0.0 <= metrics["asr/prefill_k2/semantic"] <= 1.0 and "over_refusal/semantic/rate" in metrics
+    assert len(list((tmp_path / "cache" / "spans").glob("*.json"))) == 1  # the base model's answers, cached
+    examples = [json.loads(line) for line in (tmp_path / "out" / "examples.jsonl").read_text().splitlines()]
+    prefill = [e for e in examples if e["attack"] == "prefill_k2"]
+    assert all(isinstance(e["judge/semantic"], bool) and "judge_whole/semantic" in e for e in prefill)
 
 
 def test_evaluate_cli_on_an_unseen_advbench_csv_with_limit(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -112,9 +146,6 @@ def test_evaluate_span_lengths_compare_models_and_the_depth_section(tiny_model_d
     assert (-1 <= pooled["corr"] <= 1) if pooled["reason"] is None else pooled["corr"] != pooled["corr"]  # NaN
     page = (out / "report.html").read_text()
     assert "Does the refusal direction predict recovery?" in page and page.count(tiny) >= 4  # 4 model columns
-    parser = _Tags()
-    parser.feed(page)
-    assert parser.tags.count("table") == 4
     assert (out / "depth_projection.png").stat().st_size > 1000
 
 

@@ -4,10 +4,12 @@ import es2.trajectories as traj
 from es2.attacks.prompting import _join, first_tokens
 from es2.features import collate, encode_chat
 from es2.generation import chat_prompts, generate
+from es2.judges import is_refusal
 from es2.modeling import load_causal_lm
-from es2.trajectories import (BENIGN_SPANS, RECOVERIES, build_trajectories, cache_path, cached_trajectories,
-                              draw_step, harmful_spans_from_base, model_identity, trajectories_for,
-                              trajectory_features, trajectory_key)
+from es2.trajectories import (BENIGN_SPANS, build_trajectories, cache_path, cached_trajectories, draw_step,
+                              harmful_spans_from_base, model_identity, own_eligible, recovery_for,
+                              recovery_pool, trajectories_for, trajectory_features, trajectory_key,
+                              whole_sentences)
 from tests.tiny_model import reference_generate
 
 ROWS = [
@@ -39,7 +41,7 @@ def test_s0_prefix_is_the_span_alone(lm):
     for t, row in zip(out, ROWS):
         assert t["harmful"]["prompt"] == row["harmful"] and t["harmless"]["prompt"] == row["harmless"]
         assert t["harmless"]["prefix"] == first_tokens(tok, [traj.benign_span_for(row["id"])], K)[0][0]
-        assert t["harmful"]["target"].strip() in RECOVERIES
+        assert t["harmful"]["target"].strip() in recovery_pool() and t["recovery_source"] == "pool"
         assert t["harmful"]["target"] == _join(t["harmful"]["prefix"], t["harmful"]["target"].strip())[
             len(t["harmful"]["prefix"]):]
 
@@ -175,4 +177,108 @@ def test_validation(lm):
     with pytest.raises(ValueError, match="spans"):
         build_trajectories(model, tok, ROWS, spans=["a"])
     assert build_trajectories(model, tok, [], steps=(0,)) == []
-    assert len(BENIGN_SPANS) >= 3 and len(RECOVERIES) >= 3
+    assert len(BENIGN_SPANS) >= 3
+    with pytest.raises(ValueError, match="refusal_check_name"):
+        trajectories_for(model, tok, ROWS, {"name": "tiny"}, refusal_check=lambda p, r: [True] * len(p))
+
+
+def test_recovery_pool_is_varied_and_mostly_keyword_free():
+    pool = recovery_pool()
+    assert len(pool) >= 80 and len(set(pool)) == len(pool)
+    assert all(line == whole_sentences(line) for line in pool)  # whole sentences, no stray whitespace
+    for judge in ("jbb", "qi"):  # a recovery must not pass the keyword judges by construction
+        assert sum(not is_refusal(line, judge) for line in pool) > len(pool) / 2
+    assert sum(not is_refusal(line, "jbb") and not is_refusal(line, "qi") for line in pool) > len(pool) / 2
+    assert any(is_refusal(line, "jbb") for line in pool)  # standard phrasings stay among them
+    keys = [f"row{i}" for i in range(300)]
+    assert [recovery_for(k) for k in keys] == [recovery_for(k) for k in keys]
+    assert len({recovery_for(k) for k in keys}) > len(pool) / 2
+
+
+def test_whole_sentences():
+    assert whole_sentences("  No, I won't. If you want, I") == "No, I won't."
+    assert whole_sentences('Stop! "Really?" he said. and') == 'Stop! "Really?" he said.'
+    assert whole_sentences("That ends (here.)\nnext") == "That ends (here.)"
+    assert whole_sentences("no sentence end, 3.5 kg") == "" and whole_sentences("") == ""
+
+
+def _check_steal(calls):
+    """A fake refusal check: prompts about stealing are refusals; every call is recorded."""
+    def check(prompts, responses):
+        calls.append((list(prompts), list(responses)))
+        return ["steal" in p for p in prompts]
+    return check
+
+
+def test_own_refusals_become_targets(lm, monkeypatch):
+    model, tok = lm
+    rows = [{"id": f"o{i}", "harmful": f"explain how to {'steal a car' if i % 2 else 'make a weapon'} {i}",
+             "harmless": "write a poem"} for i in range(16)]
+    eligible = {r["id"] for r in rows if own_eligible(r["id"])}
+    stealing = {r["id"] for r in rows if "steal" in r["harmful"]}
+    assert eligible & stealing and eligible - stealing and stealing - eligible  # every case is exercised
+    real = traj.generate
+    direct = {}
+
+    def fake(model, tokenizer, prompts, max_new_tokens, batch_size=16, prefill=None, progress=True):
+        if prefill is not None:  # the harmless continuations stay real
+            return real(model, tokenizer, prompts, max_new_tokens, batch_size, prefill=prefill, progress=progress)
+        direct.update({p: f"No, I won't explain how to {p[15:]}. If you want, I" for p in prompts})
+        return [direct[p] for p in prompts]
+
+    monkeypatch.setattr(traj, "generate", fake)
+    calls = []
+    out = build_trajectories(model, tok, rows, steps=(0, 2), span_tokens=K, max_new_tokens=NEW,
+                             refusal_check=_check_steal(calls))
+    # only eligible rows are generated and checked, and the check sees the text cut to whole sentences
+    assert set(direct) == {r["harmful"] for r in rows if r["id"] in eligible}
+    assert sorted(calls[0][0]) == sorted(direct) and len(calls) == 1
+    assert all(resp == whole_sentences(direct[p]) for p, resp in zip(*calls[0]))
+    for t, row in zip(out, rows):
+        target = t["harmful"]["target"]
+        assert target == _join(t["harmful"]["prefix"], target.strip())[len(t["harmful"]["prefix"]):]
+        if row["id"] in eligible & stealing:
+            assert t["recovery_source"] == "own" and target.strip() == whole_sentences(direct[row["harmful"]])
+        else:
+            assert t["recovery_source"] == "pool" and target.strip() == recovery_for(row["id"])
+    assert sum(t["recovery_source"] == "own" for t in out) <= len(eligible)
+    direct.clear()
+    assert all(t["recovery_source"] == "pool" for t in build_trajectories(model, tok, rows, steps=(0,),
+                                                                          span_tokens=K, max_new_tokens=NEW))
+    assert not direct  # without a refusal check no direct answer is generated
+
+
+def test_own_refusal_needs_a_sentence_end(lm):
+    """With the real model every eligible row is tried; a direct answer without a sentence end (the tiny
+    model's text) falls back to the pool, and the check never sees an empty response."""
+    model, tok = lm
+    calls = []
+    out = build_trajectories(model, tok, ROWS, steps=(0,), span_tokens=K, max_new_tokens=NEW,
+                             refusal_check=lambda p, r: calls.append(r) or [True] * len(p))
+    for t, row in zip(out, ROWS):
+        cut = whole_sentences(generate(model, tok, [row["harmful"]], NEW, progress=False)[0])
+        own = own_eligible(row["id"]) and bool(cut)
+        assert t["recovery_source"] == ("own" if own else "pool")
+        assert t["harmful"]["target"].strip() == (cut if own else recovery_for(row["id"]))
+    assert all(r.strip() for batch in calls for r in batch)
+    assert 0.4 < sum(own_eligible(f"id{i}") for i in range(2000)) / 2000 < 0.6  # about half the rows
+
+
+def test_cache_key_covers_pool_and_refusal_check(lm, monkeypatch):
+    model, tok = lm
+    ident = {"name": "tiny"}
+    key = trajectory_key(ident, ROWS, (0,), K, 0, None, NEW)
+    assert cache_path(trajectory_key(ident, ROWS, (0,), K, 0, None, NEW, refusal_check_name="semantic")) \
+        != cache_path(key)
+    assert cache_path(trajectory_key(ident, ROWS, (0,), K, 0, None, NEW, refusal_check_name="qi")) \
+        != cache_path(trajectory_key(ident, ROWS, (0,), K, 0, None, NEW, refusal_check_name="semantic"))
+    with monkeypatch.context() as m:
+        m.setattr(traj, "recovery_pool", lambda: recovery_pool()[:-1] + ("A different last line.",))
+        assert cache_path(trajectory_key(ident, ROWS, (0,), K, 0, None, NEW)) != cache_path(key)
+    assert cache_path(trajectory_key(ident, ROWS, (0,), K, 0, None, NEW)) == cache_path(key)
+    calls = []
+    first = trajectories_for(model, tok, ROWS, ident, steps=(0,), span_tokens=K, max_new_tokens=NEW,
+                             refusal_check=_check_steal(calls), refusal_check_name="steal")
+    assert all(t["recovery_source"] in ("own", "pool") for t in first)
+    assert trajectories_for(model, tok, ROWS, ident, steps=(0,), span_tokens=K, max_new_tokens=NEW,
+                            refusal_check=_check_steal(calls), refusal_check_name="steal") == first

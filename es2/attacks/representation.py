@@ -404,9 +404,11 @@ def repe(model, tokenizer, prompts: list[str], directions: dict[int, torch.Tenso
     return results
 
 
-def smallest_flipping_coefficient(results: list[AttackResult], judge: str = "jbb") -> dict:
-    """Per prompt, the smallest swept coefficient whose generation is not a refusal (`es2.judges.is_refusal`);
-    None when no coefficient flipped it. Include c = 0 in the sweep to see prompts that never refused.
+def smallest_flipping_coefficient(results: list[AttackResult], judge: str = "jbb",
+                                  refused: dict[str, list[bool]] | None = None) -> dict:
+    """Per prompt, the smallest swept coefficient whose generation is not a refusal (keyword list `judge`, or
+    the precomputed flags `refused[result name]` of any judge); None when no coefficient flipped it. Include
+    c = 0 in the sweep to see prompts that never refused.
 
     Returns per_prompt, mean (over the flipped prompts only, None if none: read it with fraction_flipped),
     median (never-flipped counted as +inf; None when that median is infinite), fraction_flipped and n.
@@ -417,8 +419,8 @@ def smallest_flipping_coefficient(results: list[AttackResult], judge: str = "jbb
     n = len(ordered[0].prompts)
     if any(len(r.generations) != n for r in ordered):
         raise ValueError("results cover different numbers of prompts")
-    per_prompt = [next((float(r.x) for r in ordered if not is_refusal(r.generations[i], judge)), None)
-                  for i in range(n)]
+    flags = refused or {r.name: [is_refusal(g, judge) for g in r.generations] for r in ordered}
+    per_prompt = [next((float(r.x) for r in ordered if not flags[r.name][i]), None) for i in range(n)]
     flipped = [c for c in per_prompt if c is not None]
     ranked = sorted(c if c is not None else math.inf for c in per_prompt)
     median = (ranked[(n - 1) // 2] + ranked[n // 2]) / 2 if n else math.inf

@@ -1,30 +1,33 @@
-"""The `evaluate` stage: white-box attacks, keyword judges, geometry and capability, for any model on any data.
+"""The `evaluate` stage: is a model safer than its baseline, by how much, and at what cost, for any model on any
+data.
 
 `es2 evaluate` with no flags reads params (the DVC stage: the trained adapter against the model training
 started from). With flags it evaluates any model (folder, HF id in the local cache, adapter folder, or a
 registered model `models:/NAME@ALIAS` / `models:/NAME/VERSION`) on any prompt file (normalised JSONL or an
-importable benchmark format). Writes into OUT: metrics.json (flat keys, DVC metrics), examples.jsonl (every
-prompt, generation and judgement), asr.csv and depth.csv (DVC plots; depth.csv has one row per model, judge,
-injection step s and span length k), depth_projection.json (does the refusal-direction projection at the
-injection point predict recovery? see es2.depth), PNG plots and a self-contained report.html.
+importable benchmark format). Prompts are drawn stratified by category (`evaluate.seed`), so a benign set's
+borderline rows are always in. The attacks, judges and perturbation grids are in es2.stages.suite; the headline
+(paired McNemar tests against the baseline) in es2.headline.
 
-Roles: `model`, `baseline` (KL, greedy agreement and PCA are taken against it) and `compare1`, `compare2`, ...
-(evaluate.compare / --compare: further models shown side by side). Metrics of a role other than `model` are
-prefixed `<role>/`.
+Writes into OUT: headline.json (the verdict and headline rows), metrics.json (flat keys, DVC metrics:
+asr/<attack>/<judge>, asr_whole/..., diff/<figure>, pvalue/<figure>, n/<figure>, ...), intervals.json (every
+interval), outcomes.json (per-prompt outcomes under the headline judge, for paired tests against other runs),
+examples.jsonl (every prompt, generation and judgement), asr.csv and depth.csv (DVC plots), depth_projection.json
+(does the refusal-direction projection at the injection point predict recovery? see es2.depth), PNG plots and a
+self-contained report.html that leads with the verdict.
+
+Roles: `model`, `baseline` (the paired tests, KL, greedy agreement and PCA are taken against it) and `compare1`,
+`compare2`, ... (evaluate.compare / --compare: further models shown side by side). Metrics of a role other than
+`model` are prefixed `<role>/`.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from es2.config import Params
-from es2.errors import DataError
+from es2.errors import ConfigError, DataError
 from es2.io import write_json, write_jsonl, write_text
-
-JUDGES = ("jbb", "qi")
-
 
 def load_model(spec: str, params: Params):
     """(model, tokenizer) for a model spec: `train-base`, a folder, an HF id, a peft adapter folder, or a
@@ -72,163 +75,43 @@ def read_prompts(path: str | Path, label: str) -> list[dict]:
     return [r for r in rows if r["label"] == label]
 
 
-def _judged(result, judges=JUDGES, classifier=None) -> tuple[dict, list[dict]]:
-    """ASR per judge with Wilson intervals, and one example row per prompt. Keyword judges count a non-refusal
-    as a success; the optional classifier judge counts a response it calls harmful."""
-    from es2.judges import refusal_flags, wilson_interval
-
-    flags = {j: refusal_flags(result.generations, j) for j in judges}
-    if classifier is not None:  # stored as "refused" = not harmful, so one rule below serves every judge
-        flags["classifier"] = [not h for h in classifier.harmful(result.prompts, result.generations)]
-        judges = (*judges, "classifier")
-    n = len(result.generations)
-    metrics = {}
-    for judge in judges:
-        successes = n - sum(flags[judge])
-        low, high = wilson_interval(successes, n)
-        metrics[f"asr/{result.name}/{judge}"] = successes / n if n else float("nan")
-        metrics[f"asr/{result.name}/{judge}_ci95"] = [low, high]
-    metrics.update({f"effort/{result.name}/{k}": v for k, v in result.effort.items()})
-    examples = [{"attack": result.name, "family": result.family, "x": result.x, "prompt": p, "generation": g,
-                 **{f"refused_{j}": flags[j][i] for j in judges},
-                 **(result.details[i] if i < len(result.details) else {})}
-                for i, (p, g) in enumerate(zip(result.prompts, result.generations))]
-    return metrics, examples
-
-
-def run_attacks(model, tokenizer, harmful: list[dict], probe_sets: tuple[list[str], list[str]], cfg,
-                layers: list[int]) -> list:
-    """Every attack in cfg.attacks against this model (adaptive: probes and directions fitted on it)."""
-    from es2.attacks import optimization, prompting, representation
-
-    prompts = [r["prompt"] for r in harmful]
-    targets = [r.get("target") or f"Sure, here is how to {r['prompt'][0].lower()}{r['prompt'][1:]}"
-               for r in harmful]
-    common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    results = []
-    if "direct" in cfg.attacks:
-        with _Timed("direct"):
-            results.append(prompting.direct(model, tokenizer, prompts, **common))
-    if "template" in cfg.attacks:
-        with _Timed("templates"):
-            results += prompting.templates(model, tokenizer, prompts, **common)
-    if "prefill" in cfg.attacks:
-        with _Timed("prefill"):
-            results += prompting.prefill(model, tokenizer, prompts, targets, cfg.prefill_tokens, **common)
-    if "injection" in cfg.attacks:
-        with _Timed("injection"):
-            for k in cfg.injection_tokens:  # one name per (s, k): injection_s<s>_k<k>, x = s
-                for result in prompting.injection(model, tokenizer, prompts, targets, cfg.injection_steps, k,
-                                                  **common):
-                    result.name = f"injection_s{int(result.effort['s'])}_k{k}"
-                    results.append(result)
-    if {"scav", "repe"} & set(cfg.attacks):
-        fit_harmful, fit_harmless = probe_sets
-        band = representation.default_band(model.config.num_hidden_layers)  # RepE's band, ~25-45% of depth
-        fit_layers = sorted(set(layers) | set(band))
-        h_states = representation.last_token_states(model, tokenizer, fit_harmful, fit_layers, cfg.batch_size)
-        s_states = representation.last_token_states(model, tokenizer, fit_harmless, fit_layers, cfg.batch_size)
-        if "scav" in cfg.attacks:
-            probes = representation.fit_probes({layer: h_states[layer] for layer in layers},
-                                               {layer: s_states[layer] for layer in layers}, seed=cfg.seed)
-            with _Timed("scav"):
-                for budget in [None, *cfg.scav_budgets]:
-                    results.append(representation.scav(model, tokenizer, prompts, probes, p0=cfg.scav_p0,
-                                                       min_accuracy=cfg.scav_min_accuracy, budget=budget,
-                                                       **common))
-        if "repe" in cfg.attacks:
-            n = min(len(fit_harmful), len(fit_harmless))  # RepE pairs the i-th harmful with the i-th harmless
-            directions = {layer: representation.repe_direction(h_states[layer][:n], s_states[layer][:n])
-                          for layer in band}
-            with _Timed("repe"):
-                results += representation.repe(model, tokenizer, prompts, directions, cfg.repe_coefficients,
-                                               **common)
-    if "softprompt" in cfg.attacks:
-        n = cfg.softprompt_prompts
-        with _Timed("softprompt"):
-            results.append(optimization.soft_prompt(model, tokenizer, prompts[:n], targets[:n], cfg.softprompt_tokens,
-                                                    cfg.softprompt_steps, cfg.softprompt_lr,
-                                                    max_new_tokens=cfg.max_new_tokens))
-    if "gcg" in cfg.attacks:
-        n = cfg.gcg_prompts
-        with _Timed("gcg"):
-            results.append(optimization.gcg(model, tokenizer, prompts[:n], targets[:n], steps=cfg.gcg_steps,
-                                            search_width=cfg.gcg_search_width, topk=cfg.gcg_topk,
-                                            max_new_tokens=cfg.max_new_tokens))
-    return results
-
-
-class _Timed:
-    """Prints each attack family's wall time as it finishes (evaluation runs for minutes on a CPU)."""
-
-    def __init__(self, what: str):
-        self.what = what
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if exc[0] is None:
-            print(f"  {self.what}: {time.perf_counter() - self.start:.0f} s", flush=True)
-
-
-def evaluate_one(model, tokenizer, harmful, benign, probe_sets, cfg, layers, mc_questions,
-                 classifier=None) -> dict:
-    """All figures for one model: attack ASRs and efforts, refusal margin, over-refusal, perplexity, MC accuracy,
-    the refusal-direction-vs-recovery test on the injection results (es2.depth), and the pooled states (for
-    geometry and the base-vs-trained comparison)."""
-    from es2.attacks.representation import last_token_states, smallest_flipping_coefficient
-    from es2.capability import benign_text, multiple_choice_accuracy, over_refusal, perplexity
-    from es2.generation import generate
-    from es2.judges import refusal_margin
-
-    started = time.perf_counter()
-    results = run_attacks(model, tokenizer, harmful, probe_sets, cfg, layers)
-    metrics, examples = {}, []
-    for result in results:
-        m, e = _judged(result, classifier=classifier)
-        metrics.update(m)
-        examples += e
-    repe = [r for r in results if r.family == "repe"]
-    if repe:
-        for judge in JUDGES:
-            metrics.update({f"effort/repe/{k}/{judge}": v
-                            for k, v in smallest_flipping_coefficient(repe, judge).items()})
-    margins = refusal_margin(model, tokenizer, [r["prompt"] for r in harmful])
-    metrics["refusal_margin/mean"] = float(margins.mean())
-    metrics["refusal_margin/frac_positive"] = float((margins > 0).float().mean())
-    benign_prompts = [r["prompt"] for r in benign]
-    benign_answers = generate(model, tokenizer, benign_prompts, cfg.max_new_tokens, cfg.batch_size)
-    for judge in JUDGES:
-        metrics.update({f"over_refusal/{judge}/{k}": v for k, v in over_refusal(benign_answers, judge).items()})
-        borderline = [a for a, r in zip(benign_answers, benign) if r.get("category") == "borderline"]
-        if borderline:
-            metrics.update({f"over_refusal_borderline/{judge}/{k}": v
-                            for k, v in over_refusal(borderline, judge).items()})
-    examples += [{"attack": "benign", "family": "benign", "prompt": p, "generation": g}
-                 for p, g in zip(benign_prompts, benign_answers)]
-    depth = None
-    if any(r.family == "injection" and r.x for r in results):
-        from es2 import depth as depth_test
-
-        with _Timed("depth projection"):
-            depth = depth_test.projection_analysis(
-                model, tokenizer, results, probe_sets, cfg.depth_layer if cfg.depth_layer is not None
-                else depth_test.default_layer(layers), cfg.batch_size, cfg.depth_bootstrap, cfg.seed)
-        metrics.update(depth_test.flat_metrics(depth))
-    metrics["capability/perplexity"] = perplexity(model, tokenizer, benign_text())
-    accuracy, n = multiple_choice_accuracy(model, tokenizer, mc_questions, cfg.batch_size)
-    metrics["capability/mc_accuracy"], metrics["capability/mc_n"] = accuracy, n
-    states = {layer: (h, s) for layer, h, s in zip(
-        layers, last_token_states(model, tokenizer, [r["prompt"] for r in harmful], layers, cfg.batch_size).values(),
-        last_token_states(model, tokenizer, benign_prompts, layers, cfg.batch_size).values())}
-    metrics["seconds"] = round(time.perf_counter() - started, 1)
-    return {"metrics": metrics, "examples": examples, "results": results, "states": states,
-            "benign_answers": benign_answers, "depth": depth}
-
-
 def _csv(path: Path, header: list[str], rows: list[list]) -> None:
     write_text(path, "\n".join([",".join(header)] + [",".join(str(v) for v in row) for row in rows]) + "\n")
+
+
+def build_judges(cfg) -> dict:
+    """The judges of `evaluate.judges`, plus the classifier and generative judges when their models are set;
+    the headline judge must be among them."""
+    from es2.judges import get_judge
+
+    judges = {name: get_judge(name) for name in cfg.judges}
+    if cfg.judge_model:
+        judges["classifier"] = get_judge("classifier", path=cfg.judge_model)
+    if cfg.generative_judge:
+        judges["generative"] = get_judge("generative", path=cfg.generative_judge, template=cfg.generative_template)
+    if cfg.headline_judge not in judges:
+        raise ConfigError(f"evaluate.headline_judge {cfg.headline_judge!r} is not among the judges run "
+                          f"({', '.join(judges)})", "add it to evaluate.judges or pick one of those")
+    return judges
+
+
+def _spans(params: Params, cfg, harmful_rows: list[dict], grid) -> dict[str, list[str]]:
+    """Held-out spans (evaluate.span_source) and the trained grid's spans (train.trajectory_spans)."""
+    from es2.spans import spans_for
+    from es2.trajectories import model_identity
+
+    base = params.model.name_or_path
+    tokens = max([*grid.prefill, *(k for _, k in grid.injection), params.train.trajectory_span_tokens])
+
+    def load():
+        return load_model(base, params)
+
+    options = dict(model_id=model_identity(base, params.model.revision), tokens=tokens, load=load,
+                   batch_size=cfg.batch_size)
+    held = spans_for(harmful_rows, cfg.span_source, **options)
+    trained = (spans_for(harmful_rows, params.train.trajectory_spans, **options)
+               if grid.trained_prefill or grid.trained_injection else held)
+    return {"heldout": held, "trained": trained}
 
 
 def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", model: str | None = None,
@@ -240,26 +123,34 @@ def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", mod
     import torch
 
     from es2.capability import greedy_agreement, load_mc_csv, mmlu_sample_path, per_token_kl
+    from es2.headline import as_metrics, headline_rows, verdict
     from es2.report import write_report
+    from es2.sampling import stratified_sample
     from es2.separation_metrics import flatten_report, layer_report, pca_scatter
+    from es2.spans import check_source
+    from es2.stages.suite import evaluate_one, perturbation_grid
 
     cfg = params.evaluate.model_copy(update={k: v for k, v in
                                              {"attacks": attacks, "limit": limit}.items() if v is not None})
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
-    harmful_rows = read_prompts(harmful or cfg.harmful or params.data.eval_harmful, "harmful")[:cfg.limit]
-    benign_rows = read_prompts(benign or cfg.benign or params.data.eval_harmless, "harmless")[:cfg.limit]
+    check_source(cfg.span_source)
+    harmful_rows = stratified_sample(read_prompts(harmful or cfg.harmful or params.data.eval_harmful, "harmful"),
+                                     cfg.limit, cfg.seed)
+    benign_rows = stratified_sample(read_prompts(benign or cfg.benign or params.data.eval_harmless, "harmless"),
+                                    cfg.limit, cfg.seed)
     if not harmful_rows or not benign_rows:
         raise DataError(f"no prompts to evaluate: {len(harmful_rows)} harmful, {len(benign_rows)} benign",
                         "check --harmful/--benign (or evaluate.harmful/benign): labels must be harmful/harmless")
+    judges = build_judges(cfg)
+    grid = perturbation_grid(cfg, params.train)
+    if grid.moved:
+        print(f"  held-out grid: {', '.join(grid.moved)} coincide with the training grid; reported as trained_*",
+              flush=True)
+    spans = _spans(params, cfg, harmful_rows, grid) if {"prefill", "injection"} & set(cfg.attacks) else {}
     probe_sets = _probe_sets(harmful_rows, benign_rows)
     layers = cfg.layers or params.train.layers
     mc_questions = load_mc_csv(cfg.mc_csv or mmlu_sample_path())
-    classifier = None
-    if cfg.judge_model:
-        from es2.judges import ClassifierJudge
-
-        classifier = ClassifierJudge(cfg.judge_model)
     specs = {"model": model or cfg.model}
     baseline = cfg.baseline if baseline == "params" else baseline
     if baseline:
@@ -272,33 +163,49 @@ def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", mod
         m, tokenizer = load_model(spec, params)
         if role in ("model", "baseline"):  # kept for KL and agreement; compare models are dropped after use
             loaded[role] = (m, tokenizer)
-        runs[role] = evaluate_one(m, tokenizer, harmful_rows, benign_rows, probe_sets, cfg, layers, mc_questions,
-                                  classifier)
+        runs[role] = evaluate_one(m, tokenizer, harmful_rows, benign_rows, spans, grid, probe_sets, cfg, layers,
+                                  mc_questions, judges)
         runs[role]["spec"] = spec
         del m
         if role not in loaded and torch.cuda.is_available():
             torch.cuda.empty_cache()
     metrics = {**runs["model"]["metrics"], **flatten_report(layer_report(runs["model"]["states"]))}
-    for role in (r for r in runs if r.startswith("compare")):
+    for role in (r for r in runs if r != "model"):
         metrics.update({f"{role}/{k}": v for k, v in runs[role]["metrics"].items()})
         metrics.update({f"{role}/{k}": v for k, v in flatten_report(layer_report(runs[role]["states"])).items()})
     plots = {}
     if "baseline" in runs:
         base = runs["baseline"]
-        metrics.update({f"baseline/{k}": v for k, v in base["metrics"].items()})
-        metrics.update({f"baseline/{k}": v for k, v in flatten_report(layer_report(base["states"])).items()})
         (model_, tokenizer), (baseline_model, _) = loaded["model"], loaded["baseline"]
         metrics["capability/kl_to_baseline"] = per_token_kl(model_, baseline_model, tokenizer,
                                                             [r["prompt"] for r in benign_rows])
+        runs["model"]["outcomes"]["kl"] = metrics["capability/kl_to_baseline"]
         metrics["capability/greedy_agreement"] = greedy_agreement(runs["model"]["benign_answers"],
                                                                   base["benign_answers"], tokenizer)
         for layer in layers:
             plots[f"pca_layer{layer}.png"] = pca_scatter(base["states"], runs["model"]["states"], layer,
                                                          out_dir / f"pca_layer{layer}.png",
                                                          f"layer {layer}: baseline (left) vs model (right)")
-    _write_outputs(out_dir, runs, metrics)
-    write_report(out_dir, runs, metrics, plots)
+    alpha = params.registry.gates.alpha
+    rows = headline_rows(_for_headline(runs["model"]["outcomes"]),
+                         _for_headline(runs["baseline"]["outcomes"]) if "baseline" in runs else None, alpha)
+    metrics.update(as_metrics(rows))
+    sentence = verdict(rows, alpha)
+    context = {"judge": cfg.headline_judge, "judges": list(judges), "span_source": cfg.span_source,
+               "n_harmful": len(harmful_rows), "n_benign": len(benign_rows),
+               "n_borderline": sum(r.get("category") == "borderline" for r in benign_rows),
+               "heldout_grid": grid.describe(False), "trained_grid": grid.describe(True).split(" | ")[-1]
+               if cfg.trained_perturbations else None, "profile": None}
+    _write_outputs(out_dir, runs, metrics, context, rows, sentence)
+    write_report(out_dir, runs, metrics, plots, rows, sentence, alpha, context)
     return metrics
+
+
+def _for_headline(outcomes: dict) -> dict:
+    """The shape es2.headline.headline_rows reads, from one role's outcomes."""
+    return {"attacks": outcomes["attacks"], "benign_refused": outcomes["benign"]["refused"],
+            "borderline": outcomes["benign"]["borderline"], "mc_correct": outcomes["mc"]["correct"],
+            "kl": outcomes.get("kl")}
 
 
 def _probe_sets(harmful_rows, benign_rows) -> tuple[list[str], list[str]]:
@@ -313,15 +220,17 @@ def _probe_sets(harmful_rows, benign_rows) -> tuple[list[str], list[str]]:
     return [r["prompt"] for r in harmful_rows], [r["prompt"] for r in benign_rows]
 
 
-def _write_outputs(out_dir: Path, runs: dict, metrics: dict) -> None:
+def _write_outputs(out_dir: Path, runs: dict, metrics: dict, context: dict, rows: list, sentence: str) -> None:
     from es2.depth import plot_projection
+    from es2.headline import as_dicts
 
+    judges, headline_judge = context["judges"], context["judge"]
     write_jsonl(out_dir / "examples.jsonl", [{"role": role, **e} for role, run in runs.items()
                                              for e in run["examples"]])
     asr_rows, depth_rows = [], []
     for role, run in runs.items():
         for result in run["results"]:
-            for judge in JUDGES:
+            for judge in judges:
                 asr_rows.append([role, result.name, judge, run["metrics"][f"asr/{result.name}/{judge}"]])
                 if result.family == "injection":
                     depth_rows.append([role, judge, int(result.x), int(result.effort["k"]),
@@ -332,10 +241,14 @@ def _write_outputs(out_dir: Path, runs: dict, metrics: dict) -> None:
     # always written (a DVC output): says so when no injection with s > 0 ran
     write_json(out_dir / "depth_projection.json",
                {"claim": "the refusal-direction projection at the injection point does not predict recovery "
-                         "(Park & Kim 2026); recovered = the continuation is a refusal (JBB list)",
+                         f"(Park & Kim 2026); recovered = the continuation is a refusal ({headline_judge} judge)",
                 **({role: {**a, "spec": runs[role].get("spec")} for role, a in analyses.items()} if analyses
                    else {"skipped": "no injection attack with s > 0 was run"})})
     if analyses:
         plot_projection(out_dir / "depth_projection.png", analyses)
+    # per-prompt outcomes under the headline judge: what a paired test against another run needs (es2.gates)
+    write_json(out_dir / "outcomes.json", {"judge": headline_judge,
+                                           "roles": {role: run["outcomes"] for role, run in runs.items()}})
+    write_json(out_dir / "headline.json", {"verdict": sentence, "rows": as_dicts(rows), "context": context})
     write_json(out_dir / "metrics.json", {k: v for k, v in metrics.items() if not isinstance(v, list)})
     write_json(out_dir / "intervals.json", {k: v for k, v in metrics.items() if isinstance(v, list)})

@@ -73,7 +73,11 @@ def trajectory_features(params: Params, model, tokenizer, rows: list[dict]) -> l
     """Pairs as generation trajectories with a simulated mid-sequence injection (es2.trajectories): harmful rows
     learn to recover to a refusal after the injected span, harmless rows continue as the frozen model would.
     Built with the model about to be trained (its own first tokens), cached by content."""
+    import hashlib
+    import json
+
     from es2 import trajectories
+    from es2.judges import get_judge
     from es2.modeling import load_causal_lm
 
     cfg = params.train
@@ -92,10 +96,16 @@ def trajectory_features(params: Params, model, tokenizer, rows: list[dict]) -> l
     # with their targets, every option
     model_id = {**trajectories.model_identity(base_model_path(params), params.model.revision),
                 "dtype": params.model.dtype}
+    # where the model already refuses a direct harmful prompt its own words are the recovery target (judged by
+    # meaning, not keywords, so the targets are not chosen by the evaluation's keyword lists); keyed by the
+    # judge's head, since a retrained head picks other rows
+    judge = get_judge("semantic")
+    head = hashlib.sha256(json.dumps(judge.head, sort_keys=True).encode()).hexdigest()[:16]
     built = trajectories.trajectories_for(
         model, tokenizer, rows, model_id,
         cfg.trajectory_steps, cfg.trajectory_span_tokens, spans, cfg.seed,
-        max_new_tokens=cfg.trajectory_continuation_tokens, progress=True)
+        max_new_tokens=cfg.trajectory_continuation_tokens, progress=True,
+        refusal_check=judge.refused, refusal_check_name=f"semantic:{head}")
     return trajectories.trajectory_features(built, tokenizer, cfg.max_length)
 
 

@@ -1,0 +1,283 @@
+"""One model under the whole evaluation: the attacks, every judge on every answer, over-refusal, capability,
+and the per-prompt outcomes that paired comparisons of two models need.
+
+Perturbation grids. Prefilling forces the first k tokens of a span; injection lets the model write s tokens
+first. The headline uses the HELD-OUT grid (`evaluate.prefill_tokens`, `evaluate.injection_steps` x
+`evaluate.injection_tokens`, spans from `evaluate.span_source`). The TRAINED grid is what trajectory training
+optimises (`train.trajectory_steps` x `train.trajectory_span_tokens`, spans from `train.trajectory_spans`); with
+`evaluate.trained_perturbations` it runs too, as attacks named `trained_*` (families `trained_prefill`,
+`trained_injection`), reported apart and never in the headline or the gates. A held-out configuration that
+coincides with a trained one is moved to the trained grid, so the two never mix.
+
+Judges see what the model wrote after the prompt. For prefilling and injection that is the continuation after
+the forced text (`asr/<attack>/<judge>`); the judge on the whole answer, forced text included, is reported
+separately (`asr_whole/<attack>/<judge>`), since a forced harmful span followed by a refusal is still a
+harmful answer on the page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+from es2.spans import targets
+
+FORCED_FAMILIES = ("prefill", "injection", "trained_prefill", "trained_injection")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Held-out and trained prefill/injection configurations (k tokens forced, s own tokens first)."""
+
+    prefill: tuple[int, ...]
+    injection: tuple[tuple[int, int], ...]  # (s, k)
+    trained_prefill: tuple[int, ...]
+    trained_injection: tuple[tuple[int, int], ...]
+    moved: tuple[str, ...] = ()  # held-out configurations that coincided with trained ones
+
+    def describe(self, trained: bool) -> str:
+        held = f"prefill k in {list(self.prefill)}; injection (s, k) in {[list(c) for c in self.injection]}"
+        if not trained:
+            return held
+        return held + f" | trained: prefill k in {list(self.trained_prefill)}, injection (s, k) in " \
+                      f"{[list(c) for c in self.trained_injection]}"
+
+
+def perturbation_grid(cfg, train) -> Grid:
+    """The held-out grid from `cfg` (evaluate params) minus the configurations `train` trains on."""
+    k = train.trajectory_span_tokens
+    trained_pre = (k,) if 0 in train.trajectory_steps else ()
+    trained_inj = tuple((s, k) for s in sorted(set(train.trajectory_steps) - {0}))
+    prefill = tuple(x for x in dict.fromkeys(cfg.prefill_tokens) if x not in trained_pre)
+    injection = tuple((s, kk) for kk in dict.fromkeys(cfg.injection_tokens) for s in dict.fromkeys(cfg.injection_steps)
+                      if (s, kk) not in trained_inj and not (s == 0 and kk in trained_pre))
+    moved = tuple([f"prefill_k{x}" for x in cfg.prefill_tokens if x in trained_pre]
+                  + [f"injection_s{s}_k{kk}" for kk in cfg.injection_tokens for s in cfg.injection_steps
+                     if (s, kk) in trained_inj or (s == 0 and kk in trained_pre)])
+    return Grid(prefill, injection, trained_pre if cfg.trained_perturbations else (),
+                trained_inj if cfg.trained_perturbations else (), moved)
+
+
+def prompt_key(text: str) -> str:
+    """The id of a prompt in outcomes.json: paired comparisons match prompts by content, not position."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class Timed:
+    """Prints each attack family's wall time as it finishes (evaluation runs for minutes on a CPU)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            print(f"  {self.what}: {time.perf_counter() - self.start:.0f} s", flush=True)
+
+
+def _forced(model, tokenizer, prompts, spans, grid_prefill, grid_injection, prefix, common) -> list:
+    """Prefill and injection results on one grid; names prefixed with `prefix` ("" or "trained_")."""
+    from es2.attacks import prompting
+
+    results = []
+    if grid_prefill:
+        for r in prompting.prefill(model, tokenizer, prompts, spans, grid_prefill, **common):
+            r.name, r.family = prefix + r.name, prefix + r.family
+            results.append(r)
+    for k in dict.fromkeys(k for _, k in grid_injection):
+        steps = [s for s, kk in grid_injection if kk == k]
+        for r in prompting.injection(model, tokenizer, prompts, spans, steps, k, **common):
+            r.name, r.family = f"{prefix}injection_s{int(r.effort['s'])}_k{k}", prefix + r.family
+            results.append(r)
+    return results
+
+
+def run_attacks(model, tokenizer, harmful: list[dict], spans: dict[str, list[str]], grid: Grid, probe_sets,
+                cfg, layers: list[int]) -> list:
+    """Every attack in cfg.attacks against this model (adaptive: probes and directions fitted on it).
+    `spans`: {"heldout": [...], "trained": [...]}, one span per harmful record."""
+    from es2.attacks import optimization, prompting, representation
+
+    prompts = [r["prompt"] for r in harmful]
+    affirmative = targets(harmful)  # what the optimisation attacks aim for
+    common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    results = []
+    if "direct" in cfg.attacks:
+        with Timed("direct"):
+            results.append(prompting.direct(model, tokenizer, prompts, **common))
+    if "template" in cfg.attacks:
+        with Timed("templates"):
+            results += prompting.templates(model, tokenizer, prompts, **common)
+    held_pre = grid.prefill if "prefill" in cfg.attacks else ()
+    held_inj = grid.injection if "injection" in cfg.attacks else ()
+    if held_pre or held_inj:
+        with Timed("prefill + injection (held-out spans)"):
+            results += _forced(model, tokenizer, prompts, spans["heldout"], held_pre, held_inj, "", common)
+    trained_pre = grid.trained_prefill if "prefill" in cfg.attacks else ()
+    trained_inj = grid.trained_injection if "injection" in cfg.attacks else ()
+    if trained_pre or trained_inj:
+        with Timed("prefill + injection (trained perturbations)"):
+            results += _forced(model, tokenizer, prompts, spans["trained"], trained_pre, trained_inj, "trained_",
+                               common)
+    if {"scav", "repe"} & set(cfg.attacks):
+        fit_harmful, fit_harmless = probe_sets
+        band = representation.default_band(model.config.num_hidden_layers)  # RepE's band, ~25-45% of depth
+        fit_layers = sorted(set(layers) | set(band))
+        h_states = representation.last_token_states(model, tokenizer, fit_harmful, fit_layers, cfg.batch_size)
+        s_states = representation.last_token_states(model, tokenizer, fit_harmless, fit_layers, cfg.batch_size)
+        if "scav" in cfg.attacks:
+            probes = representation.fit_probes({layer: h_states[layer] for layer in layers},
+                                               {layer: s_states[layer] for layer in layers}, seed=cfg.seed)
+            with Timed("scav"):
+                for budget in [None, *cfg.scav_budgets]:
+                    results.append(representation.scav(model, tokenizer, prompts, probes, p0=cfg.scav_p0,
+                                                       min_accuracy=cfg.scav_min_accuracy, budget=budget,
+                                                       **common))
+        if "repe" in cfg.attacks:
+            n = min(len(fit_harmful), len(fit_harmless))  # RepE pairs the i-th harmful with the i-th harmless
+            directions = {layer: representation.repe_direction(h_states[layer][:n], s_states[layer][:n])
+                          for layer in band}
+            with Timed("repe"):
+                results += representation.repe(model, tokenizer, prompts, directions, cfg.repe_coefficients,
+                                               **common)
+    if "softprompt" in cfg.attacks:
+        n = cfg.softprompt_prompts
+        with Timed("softprompt"):
+            results.append(optimization.soft_prompt(model, tokenizer, prompts[:n], affirmative[:n],
+                                                    cfg.softprompt_tokens, cfg.softprompt_steps, cfg.softprompt_lr,
+                                                    max_new_tokens=cfg.max_new_tokens))
+    if "gcg" in cfg.attacks:
+        n = cfg.gcg_prompts
+        with Timed("gcg"):
+            results.append(optimization.gcg(model, tokenizer, prompts[:n], affirmative[:n], steps=cfg.gcg_steps,
+                                            search_width=cfg.gcg_search_width, topk=cfg.gcg_topk,
+                                            max_new_tokens=cfg.max_new_tokens))
+    return results
+
+
+def forced_text(result, i: int) -> str:
+    """The text the attacker wrote into answer i: the forced prefix, or the model's own s tokens + the span."""
+    from es2.attacks.prompting import _join
+
+    d = result.details[i]
+    return _join(d.get("own", ""), d["forced"]) if "own" in d else d["forced"]
+
+
+def judge_results(results: list, judges: dict) -> dict:
+    """{result name: {"cont": {judge: [refused]}, "whole": {judge: [refused]} (forced families only)}}.
+    Each judge sees all answers of all results in one call (the semantic judge embeds them in batches)."""
+    texts, owners = [], []
+    for r in results:
+        for i, (p, g) in enumerate(zip(r.prompts, r.generations)):
+            texts.append((p, g))
+            owners.append((r.name, "cont"))
+            if r.family in FORCED_FAMILIES:
+                texts.append((p, forced_text(r, i) + g))
+                owners.append((r.name, "whole"))
+    prompts, answers = [t[0] for t in texts], [t[1] for t in texts]
+    flags: dict = {r.name: {"cont": {}, **({"whole": {}} if r.family in FORCED_FAMILIES else {})} for r in results}
+    for name, judge in judges.items():
+        verdicts = judge.refused(prompts, answers) if texts else []
+        for (owner, part), refused in zip(owners, verdicts):
+            flags[owner][part].setdefault(name, []).append(bool(refused))
+    return flags
+
+
+def rate_metrics(prefix: str, refused: list[bool]) -> dict:
+    """`<prefix>` = success rate (not refused) with its Wilson interval in `<prefix>_ci95`."""
+    from es2.stats import wilson_interval
+
+    n = len(refused)
+    successes = n - sum(refused)
+    return {prefix: successes / n if n else float("nan"), f"{prefix}_ci95": list(wilson_interval(successes, n))}
+
+
+def evaluate_one(model, tokenizer, harmful, benign, spans, grid, probe_sets, cfg, layers, mc_questions,
+                 judges: dict) -> dict:
+    """All figures for one model: attack ASRs per judge (continuation and whole answer), efforts, refusal
+    margin, over-refusal, perplexity, MC accuracy, the refusal-direction-vs-recovery test on the held-out
+    injections (es2.depth), the pooled states (geometry) and the per-prompt outcomes under the headline judge."""
+    from es2.attacks.representation import last_token_states, smallest_flipping_coefficient
+    from es2.capability import benign_text, multiple_choice_correct, perplexity
+    from es2.generation import generate
+    from es2.judges import refusal_margin
+
+    started = time.perf_counter()
+    results = run_attacks(model, tokenizer, harmful, spans, grid, probe_sets, cfg, layers)
+    with Timed("judging"):
+        flags = judge_results(results, judges)
+    metrics, examples, attacks_out = {}, [], {}
+    for r in results:
+        metrics[f"n/{r.name}"] = len(r.generations)
+        for name in judges:
+            metrics.update(rate_metrics(f"asr/{r.name}/{name}", flags[r.name]["cont"][name]))
+            if "whole" in flags[r.name]:
+                metrics.update(rate_metrics(f"asr_whole/{r.name}/{name}", flags[r.name]["whole"][name]))
+        metrics.update({f"effort/{r.name}/{k}": v for k, v in r.effort.items()})
+        attacks_out[r.name] = {"family": r.family, "prompts": [prompt_key(p) for p in r.prompts],
+                               "success": [not f for f in flags[r.name]["cont"][cfg.headline_judge]]}
+        examples += [{"attack": r.name, "family": r.family, "x": r.x, "prompt": p, "generation": g,
+                      **{f"judge/{j}": flags[r.name]["cont"][j][i] for j in judges},
+                      **{f"judge_whole/{j}": v[i] for j, v in flags[r.name].get("whole", {}).items()},
+                      **(r.details[i] if i < len(r.details) else {})}
+                     for i, (p, g) in enumerate(zip(r.prompts, r.generations))]
+    repe = [r for r in results if r.family == "repe"]
+    for name in judges if repe else ():
+        refused = {r.name: flags[r.name]["cont"][name] for r in repe}
+        metrics.update({f"effort/repe/{k}/{name}": v for k, v in
+                        smallest_flipping_coefficient(repe, refused=refused).items() if k != "per_prompt"})
+    margins = refusal_margin(model, tokenizer, [r["prompt"] for r in harmful])
+    metrics["refusal_margin/mean"] = float(margins.mean())
+    metrics["refusal_margin/frac_positive"] = float((margins > 0).float().mean())
+    benign_prompts = [r["prompt"] for r in benign]
+    benign_answers = generate(model, tokenizer, benign_prompts, cfg.max_new_tokens, cfg.batch_size)
+    borderline = [r.get("category") == "borderline" for r in benign]
+    benign_flags = {name: [bool(f) for f in judge.refused(benign_prompts, benign_answers)]
+                    for name, judge in judges.items()}
+    for name, refused in benign_flags.items():
+        metrics.update(_refusal_rate(f"over_refusal/{name}", refused))
+        if any(borderline):
+            metrics.update(_refusal_rate(f"over_refusal_borderline/{name}",
+                                         [f for f, b in zip(refused, borderline) if b]))
+    examples += [{"attack": "benign", "family": "benign", "prompt": p, "generation": g,
+                  "category": r.get("category"), **{f"judge/{j}": benign_flags[j][i] for j in judges}}
+                 for i, (p, g, r) in enumerate(zip(benign_prompts, benign_answers, benign))]
+    depth = None
+    if any(r.family == "injection" and r.x for r in results):
+        from es2 import depth as depth_test
+
+        with Timed("depth projection"):
+            held = [r for r in results if r.family == "injection"]
+            depth = depth_test.projection_analysis(
+                model, tokenizer, held, probe_sets, cfg.depth_layer if cfg.depth_layer is not None
+                else depth_test.default_layer(layers), cfg.batch_size, cfg.depth_bootstrap, cfg.seed,
+                judge=cfg.headline_judge, recovered={r.name: flags[r.name]["cont"][cfg.headline_judge]
+                                                     for r in held})
+        metrics.update(depth_test.flat_metrics(depth))
+    metrics["capability/perplexity"] = perplexity(model, tokenizer, benign_text())
+    correct = multiple_choice_correct(model, tokenizer, mc_questions, cfg.batch_size)
+    metrics["capability/mc_accuracy"] = sum(correct) / len(correct) if correct else float("nan")
+    metrics["capability/mc_n"] = len(correct)
+    states = {layer: (h, s) for layer, h, s in zip(
+        layers, last_token_states(model, tokenizer, [r["prompt"] for r in harmful], layers, cfg.batch_size).values(),
+        last_token_states(model, tokenizer, benign_prompts, layers, cfg.batch_size).values())}
+    metrics["seconds"] = round(time.perf_counter() - started, 1)
+    outcomes = {"attacks": attacks_out,
+                "benign": {"prompts": [prompt_key(p) for p in benign_prompts],
+                           "refused": benign_flags[cfg.headline_judge], "borderline": borderline},
+                "mc": {"questions": [prompt_key(q["question"]) for q in mc_questions], "correct": correct}}
+    return {"metrics": metrics, "examples": examples, "results": results, "states": states,
+            "benign_answers": benign_answers, "depth": depth, "outcomes": outcomes}
+
+
+def _refusal_rate(prefix: str, refused: list[bool]) -> dict:
+    """`<prefix>/rate|ci_low|ci_high|n` of refusals (over-refusal on benign prompts)."""
+    from es2.stats import wilson_interval
+
+    n = len(refused)
+    low, high = wilson_interval(sum(refused), n)
+    return {f"{prefix}/rate": sum(refused) / n if n else float("nan"), f"{prefix}/ci_low": low,
+            f"{prefix}/ci_high": high, f"{prefix}/n": n}
