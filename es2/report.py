@@ -1,15 +1,15 @@
 """The evaluation report: PNG plots and one self-contained HTML page (es2/templates/report.html.j2, images
 inlined) that leads with the verdict (is the model safer than its baseline, by how much, at what cost: the
-headline of es2.headline), then plots, per-attack tables (held-out perturbations, then the trained ones apart),
-attack effort, capability and geometry, the depth claim test, and example answers of every model role."""
+headline of es2.headline), then plots, per-attack tables (held-out perturbations, then the trained ones
+apart), attack effort, capability and geometry, the depth claim test, and example answers of every role."""
 
 from __future__ import annotations
 
 import base64
 import math
-from importlib import resources
 from pathlib import Path
 
+from es2.headline import HeadlineRow
 from es2.io import write_text
 
 ROWS = [  # (metric key, label)
@@ -24,7 +24,7 @@ ROWS = [  # (metric key, label)
     ("geometry/silhouette/mean", "silhouette (PCA-2), mean over layers"),
 ]
 # effort keys that echo the attack's configuration rather than measure how hard the model was to attack
-CONFIG_ECHOES = ("s", "k", "budget", "coefficient", "n_layers", "n", "fraction_flipped_n")
+CONFIG_ECHOES = {"s", "k", "budget", "coefficient", "n_layers", "p0", "n"}
 EXAMPLES_PER_ATTACK = 3
 
 
@@ -41,17 +41,18 @@ def _rate(metrics: dict, key: str) -> str:
     return f"{value:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else f"{value:.0%}"
 
 
-def _plot_asr(out_dir: Path, runs: dict, judge: str) -> Path:
+def _plot_asr(out_dir: Path, runs: dict, metrics: dict, judge: str) -> Path:
     from matplotlib.figure import Figure
 
     names = [r.name for r in runs["model"]["results"] if not r.name.startswith("trained_")]
     fig = Figure(figsize=(max(6, 0.55 * len(names)), 3.6))
     ax = fig.subplots()
     width = 0.8 / len(runs)
-    for i, (role, run) in enumerate(runs.items()):
-        values = [run["metrics"].get(f"asr/{n}/{judge}", float("nan")) for n in names]
+    for i, role in enumerate(runs):
+        values = [_scoped(metrics, role).get(f"asr/{n}/{judge}", float("nan")) for n in names]
         ax.bar([j + i * width for j in range(len(names))], values, width, label=role)
-    ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(names))], names, rotation=60, ha="right")
+    ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(names))], names, rotation=60,
+                  ha="right")
     ax.set_ylabel(f"attack success rate ({judge})")
     ax.set_ylim(0, 1)
     ax.legend()
@@ -67,7 +68,7 @@ def _legend_name(role: str, run: dict) -> str:
     return f"{role}: {'/'.join(Path(spec).parts[-2:])}" if spec else role
 
 
-def _plot_depth(out_dir: Path, runs: dict, judge: str) -> Path | None:
+def _plot_depth(out_dir: Path, runs: dict, metrics: dict, judge: str) -> Path | None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 3.4))
@@ -79,7 +80,7 @@ def _plot_depth(out_dir: Path, runs: dict, judge: str) -> Path | None:
     for i, (role, run) in enumerate(runs.items()):
         injected = [r for r in run["results"] if r.family == "injection"]
         for k in all_ks:  # one line per (model, k): colour = model, line style = k
-            points = sorted((r.x, run["metrics"][f"asr/{r.name}/{judge}"]) for r in injected
+            points = sorted((r.x, _scoped(metrics, role)[f"asr/{r.name}/{judge}"]) for r in injected
                             if int(r.effort.get("k", 0)) == k)
             if points:
                 style = styles[all_ks.index(k) % len(styles)]
@@ -92,7 +93,8 @@ def _plot_depth(out_dir: Path, runs: dict, judge: str) -> Path | None:
     ax.set_ylabel(f"ASR ({judge} judge)")
     ax.set_ylim(-0.03, 1.03)  # lines at exactly 0 and 1 stay visible
     ax.set_title("depth of safety (held-out spans)")
-    ax.legend(fontsize=7, handlelength=3.5, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside, not over, lines
+    # beside, not over, the lines
+    ax.legend(fontsize=7, handlelength=3.5, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     path = out_dir / "depth_of_safety.png"
     fig.savefig(path, dpi=90)
@@ -108,7 +110,9 @@ def _scoped(metrics: dict, role: str) -> dict:
                                             if k.startswith(f"{role}/")}
 
 
-def _headline_rows(rows, alpha: float) -> list[dict]:
+def _headline_rows(rows: list[HeadlineRow], alpha: float) -> list[dict]:
+    """Display strings: rates in %, differences in percentage points; KL is already a distance to the
+    baseline, so it has neither a baseline value nor a difference of its own."""
     out = []
     for r in rows:
         def cell(v, r=r):
@@ -121,7 +125,8 @@ def _headline_rows(rows, alpha: float) -> list[dict]:
         better = shown and ((r.diff < 0) == r.lower_is_better)
         out.append({"label": r.label, "attack": r.attack, "model_text": cell(r.model),
                     "baseline_text": "–" if r.figure == "kl" else cell(r.baseline), "diff_text": diff,
-                    "p_text": "–" if r.pvalue is None else f"{r.pvalue:.3g}", "n": r.n, "words": r.words(alpha),
+                    "p_text": "–" if r.pvalue is None else f"{r.pvalue:.3g}", "n": r.n,
+                    "words": r.words(alpha),
                     "css": "better" if better else "worse" if shown else ""})
     return out
 
@@ -133,7 +138,7 @@ def _attack_tables(runs: dict, metrics: dict, judges: list[str]) -> list[dict]:
     tables = []
     for title, pick, note in [
         ("Attack success, held-out perturbations", lambda r: not r.name.startswith("trained_"),
-         "ASR on the model's own continuation; for prefilling and injection the second line of a cell is the "
+         "ASR [95% interval] on the model's own continuation; for prefilling and injection, \"whole\" is the "
          "judge on the whole answer including the forced text."),
         ("Trained perturbations (not in the headline)", lambda r: r.name.startswith("trained_"),
          "The grid and span source trajectory training optimises: a model can pass these by construction."),
@@ -146,7 +151,8 @@ def _attack_tables(runs: dict, metrics: dict, judges: list[str]) -> list[dict]:
                 for j in judges:
                     cont = _rate(scoped, f"asr/{r.name}/{j}")
                     whole = scoped.get(f"asr_whole/{r.name}/{j}")
-                    cells.append(cont + (f" / whole {whole:.0%}" if whole is not None else ""))
+                    shown = whole is not None and not math.isnan(whole)
+                    cells.append(cont + (f" / whole {whole:.0%}" if shown else ""))
             rows.append({"name": r.name, "n": metrics.get(f"n/{r.name}", len(r.generations)), "cells": cells})
         if rows:
             tables.append({"title": title, "note": note, "heads": heads, "rows": rows})
@@ -154,11 +160,20 @@ def _attack_tables(runs: dict, metrics: dict, judges: list[str]) -> list[dict]:
 
 
 def _effort(runs: dict, metrics: dict) -> dict:
-    """Only numeric effort figures: configuration echoes, lists and per-prompt vectors stay out."""
-    keys = sorted(k for k, v in metrics.items() if k.startswith("effort/") and isinstance(v, (int, float))
-                  and not isinstance(v, bool) and k.split("/")[-1] not in CONFIG_ECHOES)
-    return {"rows": [{"name": k[len("effort/"):], "cells": [_fmt(_scoped(metrics, role).get(k)) for role in runs]}
-                     for k in keys]}
+    """Only numeric effort figures: configuration echoes, lists and per-prompt vectors stay out. A RepE
+    result's own figures (coefficient, shift) are its point on the sweep, i.e. configuration; the effort is
+    the smallest flipping coefficient (effort/repe/<figure>/<judge>)."""
+    sweep = {r.name for run in runs.values() for r in run["results"] if r.family == "repe"}
+
+    def is_figure(key: str, value) -> bool:
+        attack, *rest = key.split("/")[1:]
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and attack not in sweep
+                and not CONFIG_ECHOES.intersection(rest))
+
+    keys = sorted({k for role in runs for k, v in _scoped(metrics, role).items()
+                   if k.startswith("effort/") and is_figure(k, v)})
+    return {"rows": [{"name": k[len("effort/"):],
+                      "cells": [_fmt(_scoped(metrics, role).get(k)) for role in runs]} for k in keys]}
 
 
 def _other_rows(runs: dict, metrics: dict, judges: list[str]) -> list[dict]:
@@ -172,11 +187,10 @@ def _other_rows(runs: dict, metrics: dict, judges: list[str]) -> list[dict]:
                 rate = m.get(f"{key}/rate")
                 cells.append("–" if rate is None else f"{rate:.0%} [{m[f'{key}/ci_low']:.0%}, "
                              f"{m[f'{key}/ci_high']:.0%}], n {m.get(f'{key}/n', '?')}")
-            if any(c != "–" for c in cells):
-                rows.append({"name": label, "cells": cells})
+            rows.append({"name": label, "cells": cells})
     rows += [{"name": label, "cells": [_fmt(_scoped(metrics, role).get(key)) for role in runs]}
              for key, label in ROWS]
-    return rows
+    return [r for r in rows if any(c != "–" for c in r["cells"])]  # a figure no role measured is noise
 
 
 def _depth(out_dir: Path, runs: dict) -> dict | None:
@@ -188,7 +202,8 @@ def _depth(out_dir: Path, runs: dict) -> dict | None:
         return "–" if low is None or high is None or math.isnan(low) or math.isnan(high) else \
             f"[{low:.2f}, {high:.2f}]"
 
-    rows = [[role, name, s["n"], _fmt(s["recovery_rate"]), f"{_fmt(s['corr'])} {ci(s['ci_low'], s['ci_high'])}",
+    rows = [[role, name, s["n"], _fmt(s["recovery_rate"]),
+             f"{_fmt(s['corr'])} {ci(s['ci_low'], s['ci_high'])}",
              ci(s["boot_low"], s["boot_high"]), _fmt(s["auc"]), s["reason"] or ""]
             for role, a in analyses.items() for name, s in [("pooled (all s > 0)", a["pooled"]),
                                                            *a["by_result"].items()]]
@@ -213,47 +228,45 @@ def _examples(runs: dict, judges: list[str]) -> list[dict]:
                 o = other[i] if i < len(other) else {}
                 verdicts = ", ".join(f"{j}: {'R' if o.get(f'judge/{j}') else 'C'}" for j in judges
                                      if f"judge/{j}" in o)
-                forced = (o.get("own", "") + o.get("forced", "")) if "forced" in o else ""
-                answers.append({"text": o.get("generation", "–"), "forced": forced, "verdicts": verdicts})
+                answers.append({"text": o.get("generation", "–"), "own": o.get("own", ""),
+                                "forced": o.get("forced", ""), "verdicts": verdicts})
             rows.append({"prompt": e["prompt"], "answers": answers})
         groups.append({"attack": attack, "roles": list(runs), "entries": rows})
     return groups
 
 
-def write_report(out_dir: Path, runs: dict, metrics: dict, plots: dict[str, Path], rows: list, verdict: str,
-                 alpha: float, context: dict) -> Path:
-    """report.html in `out_dir` (atomic); `rows`/`verdict` from es2.headline, `context` names the judge, span
-    source, grids and n (see es2.stages.evaluate)."""
-    from jinja2 import Environment, select_autoescape
+def write_report(out_dir: Path, runs: dict, metrics: dict, plots: dict[str, Path],
+                 headline: list[HeadlineRow], verdict_text: str, alpha: float, context: dict) -> Path:
+    """report.html in `out_dir` (atomic); `headline`/`verdict_text` from es2.headline, `context` names the
+    judge(s), span source, grids and n (see es2.stages.evaluate)."""
+    from jinja2 import Environment, PackageLoader
 
     judges = list(context["judges"])
-    images = [_plot_asr(out_dir, runs, j) for j in judges]
-    depth = _plot_depth(out_dir, runs, context["judge"])
+    images = [_plot_asr(out_dir, runs, metrics, j) for j in judges]
+    depth = _plot_depth(out_dir, runs, metrics, context["judge"])
     images += ([depth] if depth else []) + list(plots.values())
-    env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
-    template = env.from_string(resources.files("es2.templates").joinpath("report.html.j2").read_text("utf-8"))
-    page = template.render(
-        verdict=verdict, rows=_headline_rows(rows, alpha), alpha=alpha, context=context,
+    env = Environment(loader=PackageLoader("es2", "templates"), autoescape=True)  # every text is escaped
+    page = env.get_template("report.html.j2").render(
+        verdict=verdict_text, rows=_headline_rows(headline, alpha), alpha=alpha, context=context,
         specs={role: run.get("spec") for role, run in runs.items()}, roles=list(runs),
-        images=[{"name": p.name, "data": _b64(p)} for p in images], attack_tables=_attack_tables(runs, metrics, judges),
-        effort=_effort(runs, metrics), other_rows=_other_rows(runs, metrics, judges), depth=_depth(out_dir, runs),
+        images=[{"name": p.name, "data": _b64(p)} for p in images],
+        attack_tables=_attack_tables(runs, metrics, judges), effort=_effort(runs, metrics),
+        other_rows=_other_rows(runs, metrics, judges), depth=_depth(out_dir, runs),
         examples=_examples(runs, judges), examples_per_attack=EXAMPLES_PER_ATTACK)
     path = out_dir / "report.html"
     write_text(path, page)
     return path
 
 
-def summary_text(metrics: dict, rows: list | None = None, verdict: str | None = None, alpha: float = 0.05,
-                 judge: str = "jbb") -> str:
+def summary_text(metrics: dict, headline: list[HeadlineRow] | None = None, verdict_text: str | None = None,
+                 alpha: float = 0.05, judge: str = "jbb") -> str:
     """What `es2 evaluate` prints: the verdict and headline rows (when given), then the ASR per attack under
     `judge` with one column per model role, over-refusal, and per role the depth claim test (correlation of
     the refusal-direction projection at the injection point with recovery, with its 95% interval)."""
-    lines = []
-    if verdict:
-        lines += [verdict, ""]
-    for r in rows or []:
-        lines.append(f"  {r.label:52s} {r.words(alpha)}")
-    if rows:
+    lines = [verdict_text, ""] if verdict_text else []
+    for r in _headline_rows(headline or [], alpha):
+        lines.append(f"  {r['label']:48s} {r['model_text']:>6s} vs {r['baseline_text']:>6s}  {r['words']}")
+    if headline:
         lines.append("")
     roles = ["model"] + sorted({k.split("/", 1)[0] for k in metrics
                                 if k.startswith(("baseline/", "compare")) and "/asr/" in k})
@@ -262,7 +275,8 @@ def summary_text(metrics: dict, rows: list | None = None, verdict: str | None = 
     lines.append(f"{f'ASR ({judge})':28s}" + "".join(f"{role:>11s}" for role in roles))
     for attack in attacks:
         cells = [metrics.get(key[role](f"asr/{attack}/{judge}")) for role in roles]
-        lines.append(f"{attack:28s}" + "".join(f"{'–' if v is None else format(v, '.0%'):>11s}" for v in cells))
+        lines.append(f"{attack:28s}" + "".join(f"{'–' if v is None else format(v, '.0%'):>11s}"
+                                               for v in cells))
     cells = [metrics.get(key[role](f"over_refusal/{judge}/rate")) for role in roles]
     lines.append(f"{'over-refusal (benign)':28s}" + "".join(f"{'–' if v is None else format(v, '.0%'):>11s}"
                                                            for v in cells))

@@ -7,7 +7,7 @@
 - `register(run_id, model_name)`: a new registry version pointed at by the `challenger` alias; idempotent per
   run; a registration that fails midway is rolled back (the version is deleted).
 - `promote(model_name, gates)`: moves `champion` to the challenger only when every gate passes (the gate
-  arithmetic is `es2.gates`).
+  arithmetic is `es2.gates`; the DSR gain is a paired test on both runs' `evaluate/outcomes.json`).
 - `download_model("models:/NAME@ALIAS" | "models:/NAME/VERSION")`: the registered model's `base`, `tokenizer`
   and `adapter` folders, downloaded once per version into `$ES2_CACHE/registry/` (for `es2 evaluate`).
 
@@ -48,6 +48,7 @@ KEY_TAG = "es2.pipeline_key"
 MODEL_TAG = "es2.model_uri"
 STATUS_TAG = "es2.registration"  # pending -> complete; the `challenger` alias is set last (the commit point)
 PROMOTION_TAG = "es2.promotion"
+OUTCOMES = "evaluate/outcomes.json"  # per-prompt outcomes, logged by log_pipeline_run with the evaluate stage
 CHALLENGER, CHAMPION = "challenger", "champion"
 MODEL_NAME_IN_RUN = "model"
 GENERATION_DEFAULTS = {"max_new_tokens": 32, "batch_size": 16}
@@ -541,7 +542,9 @@ def promote(model_name: str, gates: GateParams | None = None, *,
             return Decision(False, model_name, str(challenger.version), str(champion.version), rows,
                             [f"v{challenger.version} is already the champion; register a new challenger"])
         cp_metrics = client.get_run(champion.run_id).data.metrics if champion is not None else None
-        rows, reasons = decide(ch_metrics, cp_metrics, gates)
+        outcomes = ((_run_outcomes(client, uri, challenger.run_id), _run_outcomes(client, uri, champion.run_id))
+                    if champion is not None else (None, None))
+        rows, reasons = decide(ch_metrics, cp_metrics, gates, *outcomes)
         promoted = all(r.passed for r in rows)
         if promoted:
             client.set_registered_model_alias(model_name, CHAMPION, challenger.version)
@@ -552,6 +555,22 @@ def promote(model_name: str, gates: GateParams | None = None, *,
                                      "promoted" if promoted else "rejected: " + "; ".join(reasons)[:5000])
         return Decision(promoted, model_name, str(challenger.version),
                         str(champion.version) if champion is not None else None, rows, reasons)
+
+
+def _run_outcomes(client: MlflowClient, uri: str, run_id: str) -> dict | None:
+    """The run's evaluate/outcomes.json, or None when it has none (older runs; es2.gates then says so)."""
+    # Looked up before downloading: a missing artifact raises differently on each artifact store.
+    if OUTCOMES not in {f.path for f in client.list_artifacts(run_id, Path(OUTCOMES).parent.as_posix())}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=OUTCOMES, dst_path=tmp,
+                                                    tracking_uri=uri)
+        text = Path(local).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ES2Error(f"run {run_id}: {OUTCOMES} is not valid JSON ({exc.msg})",
+                       "evaluate the model again and register the new run") from exc
 
 
 def alias_version(model_name: str, alias: str, *, registry: RegistryParams | None = None) -> str | None:

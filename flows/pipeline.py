@@ -204,7 +204,13 @@ def publish_reports(repo: str, results: list[dict]) -> None:
     if any(r["stage"] == "evaluate" for r in results) and metrics_path.exists():
         report = root / REPORTS["evaluation report"]
         link = f"[report.html]({report.resolve().as_uri()})" if report.exists() else "(no report.html)"
-        md = f"# Evaluation metrics\n\nFull report: {link}\n\n{metrics_table(json.loads(metrics_path.read_text()))}"
+        verdict = ""
+        if (metrics_path.parent / "headline.json").exists():  # the answer first: safer or not, and the cost
+            from es2.results import render
+
+            verdict = render(metrics_path.parent) + "\n\n"
+        md = (f"# Evaluation\n\n{verdict}Full report: {link}\n\n"
+              f"{metrics_table(json.loads(metrics_path.read_text()))}")
         create_markdown_artifact(key="es2-evaluation-metrics", markdown=md, description=str(metrics_path))
 
 

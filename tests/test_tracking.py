@@ -30,6 +30,10 @@ from tests.conftest import free_port
 REG = RegistryParams(experiment="es2-tests", retries=2, backoff_seconds=0.2, timeout_seconds=20)
 PROMPTS = ["how do i bake bread for my family", "write a poem about the sea"]
 GOOD = {"asr": 0.25, "effort": 3.0, "kl": 0.05, "over_refusal": 0.1, "mc": 0.3}
+# each attack's ASR is the run's `asr` times this (capped at 1)
+ASR_SCALE = {"direct": 1.0, "template_aim": 1.2, "prefill_k5": 1.4, "prefill_k10": 1.5, "prefill_k20": 1.6,
+             "injection_s8": 1.3, "scav": 2.0, "gcg": 1.1}
+JUDGES = ("jbb", "qi", "semantic")
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -236,9 +240,8 @@ def trained(tiny_model_dir, tmp_path_factory):
 def eval_metrics(asr: float, effort: float, kl: float, over_refusal: float, mc: float) -> dict:
     """evaluate/metrics.json as the stage writes it: flat keys, intervals as lists, a baseline block."""
     m: dict = {}
-    for attack, scale in (("direct", 1.0), ("template_aim", 1.2), ("prefill_k5", 1.4), ("prefill_k10", 1.5),
-                          ("prefill_k20", 1.6), ("injection_s8", 1.3), ("scav", 2.0), ("gcg", 1.1)):
-        for judge in ("jbb", "qi"):
+    for attack, scale in ASR_SCALE.items():
+        for judge in JUDGES:
             rate = min(1.0, asr * scale)
             m[f"asr/{attack}/{judge}"] = rate
             m[f"asr/{attack}/{judge}_ci95"] = [max(0.0, rate - 0.15), min(1.0, rate + 0.15)]
@@ -246,7 +249,8 @@ def eval_metrics(asr: float, effort: float, kl: float, over_refusal: float, mc: 
     m.update({"effort/scav/shift_norm_mean": effort, "effort/scav/shift_norm_max": 2 * effort,
               "baseline/effort/scav/shift_norm_mean": 1.0, "effort/gcg/steps": 10,
               "over_refusal/jbb/rate": over_refusal, "over_refusal/jbb/ci95": [0.0, over_refusal + 0.2],
-              "over_refusal/qi/rate": over_refusal, "capability/kl_to_baseline": kl,
+              "over_refusal/qi/rate": over_refusal, "over_refusal/semantic/rate": over_refusal,
+              "capability/kl_to_baseline": kl,
               "capability/mc_accuracy": mc,
               "capability/mc_n": 40, "capability/perplexity": 31.5, "capability/greedy_agreement": 0.8,
               "geometry/dprime/mean": 2.9, "baseline/geometry/dprime/mean": 1.2, "refusal_margin/mean": 1.4,
@@ -254,12 +258,27 @@ def eval_metrics(asr: float, effort: float, kl: float, over_refusal: float, mc: 
     return m
 
 
-def pipeline(trained, tiny_model_dir, root: Path, **metrics) -> tuple[Params, Path]:
-    """A pipeline's artifacts folder under root with the given evaluate metrics; params for the tiny model."""
+def eval_outcomes(asr: float, n: int = 40, **_) -> dict:
+    """evaluate/outcomes.json matching eval_metrics: per attack, the first round(rate * n) of the same n prompts
+    succeed, so a lower `asr` defends a superset of the prompts (a paired gain)."""
+    def role(rate_of):
+        return {"attacks": {a: {"family": a.split("_")[0], "prompts": [f"p{i:02d}" for i in range(n)],
+                                "success": [i < round(rate_of(a) * n) for i in range(n)]} for a in ASR_SCALE},
+                "benign": {"prompts": ["b0", "b1"], "refused": [False, False], "borderline": [False, True]},
+                "mc": {"questions": ["q0"], "correct": [True]}}
+    return {"judge": "semantic", "roles": {"model": role(lambda a: min(1.0, asr * ASR_SCALE[a])),
+                                           "baseline": role(lambda a: min(1.0, 0.6 * ASR_SCALE[a]))}}
+
+
+def pipeline(trained, tiny_model_dir, root: Path, outcomes: bool = True, **metrics) -> tuple[Params, Path]:
+    """A pipeline's artifacts folder under root with the given evaluate metrics (and the matching outcomes.json
+    unless `outcomes` is false); params for the tiny model."""
     art = root / "artifacts"
     shutil.copytree(trained[0], art)
     (art / "evaluate").mkdir()
     (art / "evaluate" / "metrics.json").write_text(json.dumps(eval_metrics(**{**GOOD, **metrics}), indent=2))
+    if outcomes:
+        (art / "evaluate" / "outcomes.json").write_text(json.dumps(eval_outcomes(**{**GOOD, **metrics})))
     (art / "evaluate" / "report.html").write_text("<!doctype html><title>es2 report</title><h1>ASR</h1>")
     shutil.copy(art / "train" / "curve.png", art / "evaluate" / "asr_jbb.png")
     params = Params.model_validate({"model": {"name_or_path": str(tiny_model_dir)},
@@ -267,8 +286,9 @@ def pipeline(trained, tiny_model_dir, root: Path, **metrics) -> tuple[Params, Pa
     return params, art
 
 
-def log_and_register(trained, tiny_model_dir, root: Path, name: str, **metrics) -> tuple[str, str]:
-    params, art = pipeline(trained, tiny_model_dir, root, **metrics)
+def log_and_register(trained, tiny_model_dir, root: Path, name: str, outcomes: bool = True,
+                     **metrics) -> tuple[str, str]:
+    params, art = pipeline(trained, tiny_model_dir, root, outcomes, **metrics)
     run_id = tracking.log_pipeline_run(params, art, root=root, registry=REG)
     return run_id, tracking.register(run_id, name, registry=REG)
 
@@ -311,7 +331,7 @@ def test_embedded_sqlite_store_logs_everything_once(trained, tiny_model_dir, tmp
     logged = {a.path for folder in ("train", "evaluate", "pipeline")
               for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
     assert {"train/curve.png", "train/curve.csv", "evaluate/report.html", "evaluate/asr_jbb.png",
-            "pipeline/dvc.lock"} <= logged
+            "evaluate/outcomes.json", "pipeline/dvc.lock"} <= logged
 
     assert tracking.log_pipeline_run(params, art, registry=REG) == run_id  # same pipeline: the same run
     assert tracking.register(run_id, "tiny-local", registry=REG) == "1"
@@ -499,6 +519,31 @@ def test_failing_challenger_never_becomes_champion(on_server, trained, tiny_mode
     assert tracking.register(worse_run, "tiny-gate-fresh", registry=REG) == "1"
     fresh = tracking.promote("tiny-gate-fresh", registry=REG)
     assert not fresh.promoted and tracking.alias_version("tiny-gate-fresh", "champion", registry=REG) is None
+
+
+def test_promote_decides_the_dsr_gain_on_the_logged_outcomes(trained, tiny_model_dir, tmp_path, monkeypatch):
+    _embedded_store(tmp_path, monkeypatch)
+    log_and_register(trained, tiny_model_dir, tmp_path / "a", "tiny-paired")
+    assert tracking.promote("tiny-paired", registry=REG).promoted
+
+    log_and_register(trained, tiny_model_dir, tmp_path / "b", "tiny-paired", effort=3.5)  # same outcomes
+    same = tracking.promote("tiny-paired", registry=REG)
+    gain = next(r for r in same.table if r.gate == "dsr_gain")
+    assert not same.promoted and not gain.passed and "not shown (no gain, p = 1, n = 120 paired)" in gain.threshold
+    assert tracking.alias_version("tiny-paired", "champion", registry=REG) == "1"
+
+    log_and_register(trained, tiny_model_dir, tmp_path / "c", "tiny-paired", outcomes=False, asr=0.1)
+    missing = tracking.promote("tiny-paired", registry=REG)
+    assert not missing.promoted
+    assert any("challenger's run has no evaluate/outcomes.json" in r and "same prompt files" in r
+               for r in missing.reasons), missing.reasons
+
+    log_and_register(trained, tiny_model_dir, tmp_path / "d", "tiny-paired", asr=0.1)
+    better = tracking.promote("tiny-paired", registry=REG)
+    print(better.table_text())
+    gain = next(r for r in better.table if r.gate == "dsr_gain")
+    assert better.promoted and gain.challenger > gain.champion and "shown (p = " in gain.threshold
+    assert tracking.alias_version("tiny-paired", "champion", registry=REG) == "4"
 
 
 def test_decide_gates_without_a_server():

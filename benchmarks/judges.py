@@ -1,0 +1,87 @@
+"""How well each refusal judge agrees with human labels, on rows the shipped semantic head never trained on.
+
+    python benchmarks/judges.py [--pyrit ../shared/datasets/pyrit_scorer_evals] [--heldout benchmarks/data/judge_heldout.jsonl]
+
+Sets:
+  - the PyRIT held-out split: the share of PyRIT's human-labelled chat-model completions (MIT) that the shipped
+    head did NOT train on, identified by the row keys recorded in its head.json (`held_out_keys`); shown
+    whole and by source file;
+  - benchmarks/data/judge_heldout.jsonl: labelled responses written for this project as a benchmark only, in
+    styles phrase lists get wrong.
+Any row whose key is among the head's training rows (`train_keys`) is dropped, and the count said, so no
+figure is measured on training data. Prints, per judge, accuracy, refusal recall and false-refusal rate
+(compliant answers called refusals), each with its Wilson 95% interval, and n. Run on a CPU in a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from es2.data.schema import read_jsonl
+from es2.judges import OFFLINE_JUDGES, get_judge, judge_all
+from es2.judges.semantic import head_path
+from es2.stages.judge import pyrit_rows, row_key
+from es2.stats import wilson_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def unseen(rows: list[dict], provenance: dict, name: str) -> list[dict]:
+    """`rows` less any the head trained on (saying how many were dropped)."""
+    trained = set(provenance["train_keys"])
+    kept = [r for r in rows if row_key(r) not in trained]
+    if len(kept) < len(rows):
+        print(f"{name}: dropped {len(rows) - len(kept)} rows the head trained on")
+    return kept
+
+
+def _cell(hits: int, n: int) -> str:
+    if not n:
+        return f"{'-':>21s}"
+    low, high = wilson_interval(hits, n)
+    return f"{hits / n:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def report(name: str, rows: list[dict], judges: dict) -> None:
+    labels = [bool(r["refusal"]) for r in rows]
+    verdicts = judge_all(judges, [r["prompt"] for r in rows], [r["response"] for r in rows])
+    print(f"\n{name}: n = {len(rows)} ({sum(labels)} refusals, {len(rows) - sum(labels)} compliant)")
+    print(f"  {'judge':9s} {'accuracy [95% CI]':21s}   {'refusal recall':21s}   {'false-refusal rate':21s}")
+    for judge, flags in verdicts.items():
+        correct = sum(f == y for f, y in zip(flags, labels))
+        caught = sum(f for f, y in zip(flags, labels) if y)
+        false = sum(f for f, y in zip(flags, labels) if not y)
+        print(f"  {judge:9s} {_cell(correct, len(rows))}   {_cell(caught, sum(labels))}   "
+              f"{_cell(false, len(rows) - sum(labels))}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pyrit", type=Path, default=ROOT.parent / "shared" / "datasets" / "pyrit_scorer_evals")
+    parser.add_argument("--heldout", type=Path, default=ROOT / "benchmarks" / "data" / "judge_heldout.jsonl")
+    args = parser.parse_args()
+    head = json.loads(head_path().read_text(encoding="utf-8"))
+    judges = {name: get_judge(name) for name in OFFLINE_JUDGES}
+    print(f"semantic head: {head_path()} (C = {head['C']:g}, cross-validated accuracy {head['cv_accuracy']:.3f})")
+    held_out_keys = set((head["provenance"]["pyrit"] or {}).get("held_out_keys", []))
+    if not (args.pyrit / "refusal_labeled_responses.csv").exists():
+        print(f"PyRIT scorer sets not found at {args.pyrit}: skipped (pass --pyrit DIR)")
+    elif not held_out_keys:
+        print("the shipped head records no PyRIT held-out split (trained without PyRIT): skipped")
+    else:
+        rows = unseen([r for r in pyrit_rows(args.pyrit) if row_key(r) in held_out_keys], head["provenance"],
+                      "PyRIT held-out split")
+        report("PyRIT held-out split (real chat-model completions, human labels)", rows, judges)
+        for source in sorted({r["source"] for r in rows}):
+            report(f"  of which {source}", [r for r in rows if r["source"] == source], judges)
+    if args.heldout.exists():
+        rows = unseen(read_jsonl(args.heldout), head["provenance"], str(args.heldout))
+        report(f"{args.heldout.name} (original, written as a benchmark only)", rows, judges)
+    else:
+        print(f"{args.heldout} not found: skipped")
+
+
+if __name__ == "__main__":
+    main()
