@@ -1,6 +1,8 @@
 """How well each refusal judge agrees with human labels, on rows the shipped semantic head never trained on.
 
-    python benchmarks/judges.py [--pyrit ../shared/datasets/pyrit_scorer_evals] [--heldout benchmarks/data/judge_heldout.jsonl]
+    python benchmarks/judges.py [--pyrit DIR] [--heldout FILE.jsonl]
+
+(defaults: ../shared/datasets/pyrit_scorer_evals beside the checkout, benchmarks/data/judge_heldout.jsonl)
 
 Sets:
   - the PyRIT held-out split: the share of PyRIT's human-labelled chat-model completions (MIT) that the shipped
@@ -64,7 +66,8 @@ def main() -> None:
     args = parser.parse_args()
     head = json.loads(head_path().read_text(encoding="utf-8"))
     judges = {name: get_judge(name) for name in OFFLINE_JUDGES}
-    print(f"semantic head: {head_path()} (C = {head['C']:g}, cross-validated accuracy {head['cv_accuracy']:.3f})")
+    print(f"semantic head: {head_path()} (C = {head['C']:g}, "
+          f"cross-validated accuracy {head['cv_accuracy']:.3f})")
     held_out_keys = set((head["provenance"]["pyrit"] or {}).get("held_out_keys", []))
     if not (args.pyrit / "refusal_labeled_responses.csv").exists():
         print(f"PyRIT scorer sets not found at {args.pyrit}: skipped (pass --pyrit DIR)")

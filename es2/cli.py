@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     judge.add_argument("--judge-model", help="a local causal LM to use as a generative judge (GPU)")
     judge.add_argument("--template", default="harmbench", help="generative judge template: harmbench, "
                                                                 "llamaguard or a template file")
-    judge.add_argument("--pyrit", type=Path, help="train: folder of PyRIT's scorer-evaluation CSVs (MIT)")
+    judge.add_argument("--pyrit", type=Path, help="train: folder of PyRIT's scorer-evaluation CSVs (MIT; default: "
+                                                  "../shared/datasets/pyrit_scorer_evals when it exists)")
     judge.add_argument("--seed", type=int, default=0, help="train: the split and cross-validation seed")
 
     res = add(sub, "results", "results", "the README's measured-results block, rendered from an evaluation")
@@ -256,10 +257,10 @@ def _judge_or_results(args) -> int:
     set_threads()
     if args.responses == "train":
         from es2.judges.semantic import head_path
-        from es2.stages.judge import train_head
+        from es2.stages.judge import DEFAULT_PYRIT, train_head
 
         out = args.out or head_path()
-        document = train_head(out, args.pyrit, args.seed)
+        document = train_head(out, args.pyrit or (DEFAULT_PYRIT if DEFAULT_PYRIT.is_dir() else None), args.seed)
         for name, m in document["held_out"].items():
             print(f"held-out PyRIT {name:9s} accuracy {m['accuracy']:.3f}  refusal recall {m['refusal_recall']:.3f}  "
                   f"false-refusal rate {m['false_refusal_rate']:.3f}  n {m['n']}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -51,17 +52,27 @@ class EmbeddingCache:
         os.replace(tmp, shard)
 
 
+@lru_cache(maxsize=2)
+def _encoder(model: str):
+    """One loaded encoder per model and process: judges call `encode` once per batch of answers."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(_model_location(model), device="cpu")
+
+
+@lru_cache(maxsize=2)
+def _cache(model: str, root: str) -> EmbeddingCache:
+    return EmbeddingCache(model, Path(root))
+
+
 def encode(texts: list[str], model: str, batch_size: int = 64, progress: bool = True) -> np.ndarray:
     """Unit-normalised float32 embeddings [len(texts), dim], computed only for texts not yet cached."""
-    cache = EmbeddingCache(model)
+    cache = _cache(model, str(cache_dir() / "embeddings"))  # per cache root: tests move $ES2_CACHE
     keys = [text_key(model, t) for t in texts]
     missing = list(dict.fromkeys(k for k in keys if k not in cache.vectors))
     if missing:
-        from sentence_transformers import SentenceTransformer
-
         by_key = dict(zip(keys, texts))
-        encoder = SentenceTransformer(_model_location(model), device="cpu")
-        vectors = encoder.encode([by_key[k] for k in missing], batch_size=batch_size, normalize_embeddings=True,
+        vectors = _encoder(model).encode([by_key[k] for k in missing], batch_size=batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=progress).astype(np.float32)
         cache.add(missing, vectors)
     return np.stack([cache.vectors[k] for k in keys]).astype(np.float32)

@@ -153,3 +153,14 @@ def test_classifier_judge_loads_a_local_sequence_classifier_and_flags_harm(tmp_p
 
     with pytest.raises(ModelError, match="cannot tell the harmful class"):
         ClassifierJudge(str(tmp_path / "unlabelled"))
+
+
+def test_the_package_keeps_the_old_module_api():
+    import es2.judges as judges
+    from es2.stats import wilson_interval as stats_wilson
+
+    for name in ("JBB_REFUSAL_PREFIXES", "QI_REFUSAL_KEYWORDS", "JUDGES", "is_refusal", "refusal_flags",
+                 "refusal_rate", "refusal_margin", "wilson_interval", "ClassifierJudge"):
+        assert hasattr(judges, name), name
+    assert judges.wilson_interval is stats_wilson
+    assert judges.KeywordJudge("qi").refused(["p"], ["I can't."]) == judges.refusal_flags(["I can't."], "qi")

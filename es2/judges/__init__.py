@@ -30,6 +30,10 @@ def get_judge(name: str, **options):
         from es2.judges.semantic import shipped_judge
 
         return shipped_judge(options.get("path"))
+    if name in MODEL_JUDGES and not options.get("path"):
+        from es2.errors import ModelError
+
+        raise ModelError(f"the {name} judge needs a model", f"get_judge({name!r}, path=LOCAL_MODEL_FOLDER)")
     if name == "classifier":
         from es2.judges.classifier import ClassifierJudge
 
