@@ -23,7 +23,7 @@ def _pct(value) -> str:
 
 def _cell(row: dict, side: str) -> str:
     value = row[side]
-    if value is None:
+    if value is None or (row["figure"] == "kl" and side == "baseline"):  # KL is already model vs baseline
         return "–"
     return f"{value:.3f}" if row["figure"] == "kl" else _pct(value)
 
@@ -58,7 +58,8 @@ def render(eval_dir: Path) -> str:
                   f"held-out spans: `{context.get('span_source')}`; held-out grid: {context.get('heldout_grid')}; "
                   f"{context.get('n_harmful')} harmful and {context.get('n_benign')} benign prompts "
                   f"({context.get('n_borderline')} borderline), stratified by category.",
-              f"Trained perturbations (not in the table): {context.get('trained_grid') or 'not run'}."]
+              f"Trained perturbations (not in the table): "
+              f"{(context.get('trained_grid') or 'not run').removeprefix('trained: ')}."]
     if trained:
         judge = context.get("judge", "semantic")
         lines.append("Their ASR, model / baseline: " + "; ".join(
