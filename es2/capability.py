@@ -1,4 +1,5 @@
-"""Capability metrics: KL to the base, perplexity, greedy agreement, over-refusal, multiple-choice accuracy.
+"""Capability metrics: KL to the base (over prompts, or over the answers a user reads), perplexity, greedy
+agreement, over-refusal, multiple-choice accuracy (the hand-written scorer; es2.mc_eval is the lm-eval one).
 
 Conventions (as in es2.generation): prompts are one user message rendered with the chat template and the
 generation prompt, tokenized with ``add_special_tokens=False``; batches are LEFT-padded with explicit position
@@ -29,7 +30,9 @@ def benign_text() -> str:
 
 
 def mmlu_sample_path() -> Path:
-    """Path of the shipped original 40-question MMLU-format sample (general knowledge)."""
+    """Path of the shipped MMLU-format sample: 224 original, easy general-knowledge questions (written for
+    es2, not taken from MMLU) with balanced answer letters, so a small chat model scores a floor above chance
+    (25%): a drop shows lost capability."""
     return Path(str(resources.files("es2.resources").joinpath("mmlu_sample.csv")))
 
 
@@ -69,8 +72,23 @@ def _forward(model, ids, mask, positions, **kwargs):
                  use_cache=False, **kwargs)
 
 
+def _tokens(item, tokenizer) -> list[int]:
+    """Token ids of a text (tokenized alone, no special tokens) or of a token-id list as it is."""
+    if isinstance(item, str):
+        if tokenizer is None:
+            raise ValueError("string generations need a tokenizer")
+        return tokenizer(item, add_special_tokens=False)["input_ids"]
+    return [int(t) for t in item]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # KL to the base model
+
+
+def _reference(reference):
+    """A context manager yielding the reference model: `reference` itself when it is a module, else
+    ``reference()`` (a zero-argument callable returning such a context manager, e.g. LoRA adapter off)."""
+    return nullcontext(reference) if isinstance(reference, torch.nn.Module) else reference()
 
 
 def per_token_kl(model, reference, tokenizer, prompts: list[str], responses: list[str] | None = None,
@@ -88,8 +106,6 @@ def per_token_kl(model, reference, tokenizer, prompts: list[str], responses: lis
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if not prompts:
         return float("nan")
-    is_model = isinstance(reference, torch.nn.Module)
-    ref_ctx: Callable = (lambda: nullcontext(reference)) if is_model else reference
     rendered = chat_prompts(tokenizer, list(prompts), system)
     prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     if responses is not None:
@@ -100,12 +116,74 @@ def per_token_kl(model, reference, tokenizer, prompts: list[str], responses: lis
         for start in range(0, len(prompt_ids), batch_size):
             ids, mask, positions = _left_pad(prompt_ids[start:start + batch_size], _pad_id(tokenizer))
             logits = _forward(model, ids, mask, positions).logits
-            with ref_ctx() as ref_model, _eval_mode(ref_model):
+            with _reference(reference) as ref_model, _eval_mode(ref_model):
                 ref_logits = _forward(ref_model, ids, mask, positions).logits
             mask = mask.to(logits.device)
             s, c = kl_divergence(logits, ref_logits.to(logits.device), mask, reduction="sum")
             total, count = total + float(s), count + float(c)
     return total / count if count else float("nan")
+
+
+def _answer_logits(model, ids, mask, positions, width: int) -> torch.Tensor:
+    """float32 logits at the last `width` positions that predict a token: those before each of the last
+    `width` tokens (only `width + 1` positions are computed when the model takes ``logits_to_keep``)."""
+    kwargs = {"logits_to_keep": width + 1} if _accepts(model, "logits_to_keep") else {}
+    return _forward(model, ids, mask, positions, **kwargs).logits[:, -(width + 1):-1].float()
+
+
+def answer_kl(model, reference, tokenizer, prompts: list[str], answers: list, batch_size: int = 8,
+              system: str | None = None) -> dict:
+    """KL(reference || model) and teacher-forced agreement over the tokens of given answers, after the prompt.
+
+    The capability that matters is what a user reads: with `answers` the baseline's own greedy answers to
+    benign prompts, this scores the model's next-token distribution at exactly those positions, answer tokens
+    teacher-forced after the chat-rendered prompt. The prompt positions (which ``per_token_kl`` also counts)
+    and the position after the last answer token are not scored.
+
+    reference: as for ``per_token_kl`` (a module, or a callable returning a context manager yielding one).
+    answers: strings (tokenized alone with ``add_special_tokens=False``, as ``per_token_kl``'s responses) or
+        token-id lists (used as they are, e.g. the generated ids, so no decode/re-encode round trip).
+    Agreement is the share of answer tokens equal to the model's argmax at the position before them: one
+    early divergence costs one token here, unlike the free-running ``greedy_agreement``.
+    Returns ``{"kl", "agreement"}`` (token-weighted means over all answers; NaN without answer tokens),
+    ``{"kl_per_prompt", "agreement_per_prompt"}`` (each answer's token mean, in the order given, NaN for an
+    empty answer: the paired outcomes for comparing two models) and ``"tokens"`` (answer tokens per prompt).
+    """
+    if len(answers) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if not prompts:
+        return {"kl": float("nan"), "agreement": float("nan"), "kl_per_prompt": [],
+                "agreement_per_prompt": [], "tokens": []}
+    rendered = chat_prompts(tokenizer, list(prompts), system)
+    prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    answer_ids = [_tokens(answer, tokenizer) for answer in answers]
+    sequences = [p + a for p, a in zip(prompt_ids, answer_ids)]
+    kl, agree = [float("nan")] * len(prompts), [float("nan")] * len(prompts)
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    with _eval_mode(model), torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            width = max(len(answer_ids[i]) for i in index)
+            if width == 0:
+                continue
+            ids, mask, positions = _left_pad([sequences[i] for i in index], _pad_id(tokenizer))
+            logits = _answer_logits(model, ids, mask, positions, width)
+            with _reference(reference) as ref_model, _eval_mode(ref_model):
+                ref_logits = _answer_logits(ref_model, ids, mask, positions, width).to(logits.device)
+            targets = ids[:, -width:].to(logits.device)
+            for row, i in enumerate(index):  # left padding: every row's answer ends at the last position
+                n = len(answer_ids[i])
+                if n:
+                    kl[i] = float(kl_divergence(logits[row, -n:], ref_logits[row, -n:]))
+                    agree[i] = float((logits[row, -n:].argmax(-1) == targets[row, -n:]).float().mean())
+    tokens = [len(a) for a in answer_ids]
+    total = sum(tokens)
+
+    def weighted(values: list[float]) -> float:
+        return sum(v * n for v, n in zip(values, tokens) if n) / total if total else float("nan")
+
+    return {"kl": weighted(kl), "agreement": weighted(agree), "kl_per_prompt": kl,
+            "agreement_per_prompt": agree, "tokens": tokens}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -148,14 +226,6 @@ def perplexity(model, tokenizer, text: str, window: int = 256, stride: int | Non
 
 # ------------------------------------------------------------------------------------------------------------
 # Greedy agreement and over-refusal
-
-
-def _tokens(item, tokenizer) -> list[int]:
-    if isinstance(item, str):
-        if tokenizer is None:
-            raise ValueError("string generations need a tokenizer")
-        return tokenizer(item, add_special_tokens=False)["input_ids"]
-    return [int(t) for t in item]
 
 
 def agreement(a, b, tokenizer=None, n_tokens: int = 32) -> float:
@@ -244,62 +314,3 @@ def load_mc_csv(path) -> list[dict]:
         subject = (row.get(lower["subject"]) or "").strip() if "subject" in lower else ""
         questions.append({"question": question, "choices": choices, "answer": answer, "subject": subject})
     return questions
-
-
-def mc_prompt(question: dict) -> str:
-    """The user message: question, the four options as ``A. ...`` lines, then ``Answer:``."""
-    options = "\n".join(f"{letter}. {choice}" for letter, choice in zip(LETTERS, question["choices"]))
-    return f"{question['question']}\n{options}\nAnswer:"
-
-
-def letter_token_ids(tokenizer) -> list[int]:
-    """Token ids of the four answer letters: ``A``..``D`` when each is one token, else `` A``..`` D``.
-
-    The answer is the first assistant token after the chat generation prompt (which ends in a newline for
-    ChatML-style templates), so the bare letter is the natural form and is tried first.
-    """
-    for variant in (LETTERS, tuple(f" {letter}" for letter in LETTERS)):
-        ids = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in variant]
-        if all(len(i) == 1 for i in ids) and len({i[0] for i in ids}) == 4:
-            return [i[0] for i in ids]
-    raise ValueError("neither 'A'..'D' nor ' A'..' D' are single distinct tokens for this tokenizer")
-
-
-def multiple_choice_scores(model, tokenizer, questions: list[dict], batch_size: int = 8,
-                           system: str | None = None) -> torch.Tensor:
-    """[n, 4] log-probabilities (over the whole vocabulary) of the four answer-letter tokens at the first
-    assistant position, zero-shot, in the order given. One forward per batch (left padding, position ids)."""
-    letters = letter_token_ids(tokenizer)
-    if not questions:
-        return torch.zeros(0, 4)
-    texts = chat_prompts(tokenizer, [mc_prompt(q) for q in questions], system)
-    sequences = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    scores = torch.zeros(len(questions), 4)
-    kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    with _eval_mode(model), torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            ids, mask, positions = _left_pad([sequences[i] for i in index], _pad_id(tokenizer))
-            logits = _forward(model, ids, mask, positions, **kwargs).logits[:, -1].float()
-            lp = torch.log_softmax(logits, dim=-1)[:, letters].cpu()
-            scores[index] = lp
-    return scores
-
-
-def multiple_choice_correct(model, tokenizer, questions: list[dict], batch_size: int = 8,
-                            system: str | None = None) -> list[bool]:
-    """Per question, whether the letter token with the highest log-likelihood (ties: the earlier letter) is the
-    answer: the paired outcomes behind a comparison of two models' accuracy."""
-    if not questions:
-        return []
-    predicted = multiple_choice_scores(model, tokenizer, questions, batch_size, system).argmax(-1)
-    answers = torch.tensor([q["answer"] for q in questions])
-    return (predicted == answers).tolist()
-
-
-def multiple_choice_accuracy(model, tokenizer, questions: list[dict], batch_size: int = 8,
-                             system: str | None = None) -> tuple[float, int]:
-    """(accuracy, n) of `multiple_choice_correct`; accuracy NaN for no questions."""
-    correct = multiple_choice_correct(model, tokenizer, questions, batch_size, system)
-    return (sum(correct) / len(correct) if correct else float("nan")), len(correct)

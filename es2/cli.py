@@ -206,7 +206,8 @@ def _run(args, argv: list[str] | None = None) -> int:
 
         headline = json.loads((Path(args.out) / "headline.json").read_text(encoding="utf-8"))
         print(summary_text(metrics, [HeadlineRow(**r) for r in headline["rows"]], headline["verdict"],
-                           params.registry.gates.alpha, params.evaluate.headline_judge))
+                           params.registry.gates.alpha, params.evaluate.headline_judge,
+                           headline["context"].get("efforts", [])))
         print(f"wrote {args.out}/report.html, metrics.json, examples.jsonl")
         return 0
     if args.command in ("run", "serve"):

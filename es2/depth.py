@@ -114,7 +114,7 @@ def point_biserial(projection, recovered, bootstrap: int = 2000, seed: int = 0) 
 def raw_last_token_states(model, tokenizer, texts: list[str], layer: int, batch_size: int = 16) -> torch.Tensor:
     """float32 CPU [n, D]: hidden_states[layer] at the last token of each already-rendered text (tokenized
     without added special tokens, as `generate` does with a prefill)."""
-    from es2.attacks.representation import states_at_last_token
+    from es2.attacks.hooks import states_at_last_token
 
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
     return states_at_last_token(model, tokenizer, ids, [layer], batch_size)[layer]
@@ -157,7 +157,7 @@ def projection_analysis(model, tokenizer, results: list, probe_sets: tuple[list[
     Returns {layer, judge, n_fit_harmful, n_fit_harmless, pooled: point_biserial(...), by_result: {name: ...},
     points: [{attack, s, k, i, projection, recovered}]}.
     """
-    from es2.attacks.representation import last_token_states
+    from es2.attacks.hooks import last_token_states
     from es2.judges import is_refusal
 
     chosen = [r for r in results if r.family == "injection" and r.effort.get("s", r.x or 0) > 0]

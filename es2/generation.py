@@ -13,7 +13,8 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Callable
 
 import torch
 
@@ -61,13 +62,17 @@ def _progress(total: int, enabled: bool, desc: str):
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
              prefill: list[str] | None = None, progress: bool = True, system: str | None = None,
-             chat: bool = True) -> list[str]:
+             chat: bool = True, around_batch: Callable[[list[int]], AbstractContextManager] | None = None
+             ) -> list[str]:
     """Greedy continuations of `prompts`, one string each, in the order given.
 
     prefill: one string per prompt, appended after the generation prompt as if the assistant had written
         it (the prefilling attack); it conditions the continuation but is not part of the returned text.
         The rendered prompt and its prefill are tokenized together, as `tokenizer(rendered + prefill)`.
     chat: False treats `prompts` as already-rendered text (no chat template applied).
+    around_batch: called with the prompt indices (caller's order) of each batch; the generation of that batch
+        runs inside the context manager it returns (representation attacks use it to know which prompt each
+        row of their hooked forwards belongs to).
     Decoding drops special tokens (EOS, padding). Uses the KV cache, `do_sample=False`, under inference mode.
     """
     if prefill is not None and len(prefill) != len(prompts):
@@ -87,9 +92,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
                 index = order[start:start + batch_size]
                 batch = tokenizer([texts[i] for i in index], add_special_tokens=False, padding=True,
                                   return_tensors="pt").to(device)
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                     pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,
-                                     top_k=None)
+                with around_batch(index) if around_batch is not None else nullcontext():
+                    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                         pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,
+                                         top_k=None)
                 new = out[:, batch["input_ids"].shape[1]:]
                 for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
                     outputs[i] = text

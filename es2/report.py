@@ -15,9 +15,13 @@ from es2.io import write_text
 ROWS = [  # (metric key, label)
     ("refusal_margin/mean", "refusal margin log p(refuse) - log p(comply), mean"),
     ("capability/perplexity", "perplexity on benign text"),
-    ("capability/mc_accuracy", "multiple-choice accuracy (A-D log-likelihood)"),
-    ("capability/kl_to_baseline", "KL to the baseline on benign prompts (nats/token)"),
-    ("capability/greedy_agreement", "greedy agreement with the baseline on benign prompts"),
+    ("capability/mc_accuracy", "multiple-choice accuracy (lm-eval)"),
+    ("capability/kl_to_baseline", "KL to the baseline on its own benign answers (nats/token)"),
+    ("capability/answer_agreement", "teacher-forced agreement with the baseline's benign answers"),
+    ("capability/kl_to_shipped", "KL to the shipped base on its own benign answers (nats/token)"),
+    ("capability/answer_agreement_to_shipped", "teacher-forced agreement with the shipped base's answers"),
+    ("capability/prompt_kl_to_baseline", "KL to the baseline on benign prompt positions (nats/token)"),
+    ("capability/greedy_agreement", "free-running greedy agreement with the baseline's benign answers"),
     ("geometry/dprime/mean", "d' harmful vs harmless, mean over layers"),
     ("geometry/probe_accuracy/mean", "held-out probe accuracy, mean over layers"),
     ("geometry/bhattacharyya_distance/mean", "Bhattacharyya distance (PCA-2), mean over layers"),
@@ -159,16 +163,31 @@ def _attack_tables(runs: dict, metrics: dict, judges: list[str]) -> list[dict]:
     return tables
 
 
+def effort_text(row: dict) -> dict:
+    """An es2.headline.effort_rows row with its cells as text: "0.12 [0.05, 0.4]", ">4" when censored."""
+
+    def median(s: dict | None) -> str:
+        if s is None or s["median"] is None:
+            return "–"
+        cell = lambda key: (">" if s[f"{key}_censored"] else "") + f"{s[key]:.3g}"  # noqa: E731
+        return f"{cell('median')} [{cell('ci_low')}, {cell('ci_high')}]"
+
+    return {**row, "model_text": median(row["model"]), "baseline_text": median(row["baseline"]),
+            "ratio_text": "–" if row["ratio"] is None else f"x{row['ratio']:.2g}",
+            "p_text": "–" if row["pvalue"] is None else f"{row['pvalue']:.2g}"}
+
+
 def _effort(runs: dict, metrics: dict) -> dict:
-    """Only numeric effort figures: configuration echoes, lists and per-prompt vectors stay out. A RepE
-    result's own figures (coefficient, shift) are its point on the sweep, i.e. configuration; the effort is
-    the smallest flipping coefficient (effort/repe/<figure>/<judge>)."""
+    """The remaining numeric effort figures (the medians are in the certificate table): configuration echoes,
+    lists, per-prompt vectors and the fixed-strength RepE results' own settings stay out."""
     sweep = {r.name for run in runs.values() for r in run["results"] if r.family == "repe"}
+    certificate = {"median", "ci_low", "ci_high", "n", "censored", "broken", "ratio", "median_censored",
+                   "ci_low_censored", "ci_high_censored"}
 
     def is_figure(key: str, value) -> bool:
         attack, *rest = key.split("/")[1:]
         return (isinstance(value, (int, float)) and not isinstance(value, bool) and attack not in sweep
-                and not CONFIG_ECHOES.intersection(rest))
+                and not CONFIG_ECHOES.intersection(rest) and not certificate.intersection(rest))
 
     keys = sorted({k for role in runs for k, v in _scoped(metrics, role).items()
                    if k.startswith("effort/") and is_figure(k, v)})
@@ -251,6 +270,7 @@ def write_report(out_dir: Path, runs: dict, metrics: dict, plots: dict[str, Path
         specs={role: run.get("spec") for role, run in runs.items()}, roles=list(runs),
         images=[{"name": p.name, "data": _b64(p)} for p in images],
         attack_tables=_attack_tables(runs, metrics, judges), effort=_effort(runs, metrics),
+        efforts=[effort_text(e) for e in context.get("efforts", [])],
         other_rows=_other_rows(runs, metrics, judges), depth=_depth(out_dir, runs),
         examples=_examples(runs, judges), examples_per_attack=EXAMPLES_PER_ATTACK)
     path = out_dir / "report.html"
@@ -259,14 +279,19 @@ def write_report(out_dir: Path, runs: dict, metrics: dict, plots: dict[str, Path
 
 
 def summary_text(metrics: dict, headline: list[HeadlineRow] | None = None, verdict_text: str | None = None,
-                 alpha: float = 0.05, judge: str = "jbb") -> str:
-    """What `es2 evaluate` prints: the verdict and headline rows (when given), then the ASR per attack under
+                 alpha: float = 0.05, judge: str = "jbb", efforts: list[dict] = ()) -> str:
+    """What `es2 evaluate` prints: the verdict and headline rows (when given), the effort medians, then the ASR per attack under
     `judge` with one column per model role, over-refusal, and per role the depth claim test (correlation of
     the refusal-direction projection at the injection point with recovery, with its 95% interval)."""
     lines = [verdict_text, ""] if verdict_text else []
     for r in _headline_rows(headline or [], alpha):
         lines.append(f"  {r['label']:48s} {r['model_text']:>6s} vs {r['baseline_text']:>6s}  {r['words']}")
     if headline:
+        lines.append("")
+    for e in map(effort_text, efforts):
+        lines.append(f"  effort to break, {e['label']:26s} {e['model_text']:>22s} vs {e['baseline_text']:>22s}  "
+                     f"{e['ratio_text']}, p = {e['p_text']}, n {e['n']} ({e['unit']})")
+    if efforts:
         lines.append("")
     roles = ["model"] + sorted({k.split("/", 1)[0] for k in metrics
                                 if k.startswith(("baseline/", "compare")) and "/asr/" in k})

@@ -1,9 +1,11 @@
-import copy
+import math
 
 import pytest
 import torch
 
-from es2.attacks.optimization import frozen_model, gcg, nanogcg_available, soft_prompt, split_chat
+from es2.attacks.adversarial import log1mexp, refusal_ids
+from es2.attacks.optimization import frozen_model, gcg, soft_prompt, split_chat
+from es2.attacks.search import banned_ids, checkpoint_steps
 from es2.generation import chat_prompts
 from es2.modeling import load_causal_lm
 
@@ -70,8 +72,9 @@ def test_soft_prompt_lowers_the_target_loss_and_leaves_the_model_alone(lm):
     for info in result.details:
         assert info["target_loss"] < info["initial_loss"]
         assert info["perturbation_norm"] > 0
-    assert set(result.effort) == {"target_loss", "initial_loss", "success_rate", "steps_to_success",
-                                  "perturbation_norm"}
+    assert set(result.effort) == {"target_loss", "loss", "initial_loss", "refusal_logprob", "token_distance",
+                                  "perturbation_norm", "success_rate", "budget"}
+    assert result.effort["budget"] == 10
     assert result.effort["target_loss"] < result.effort["initial_loss"]
     assert all(v == v for v in result.effort.values())  # no NaN
 
@@ -80,7 +83,8 @@ def test_soft_prompt_batched_equals_one_by_one(lm):
     model, tok = lm
     batched = soft_prompt(model, tok, PROMPTS, TARGETS, n_tokens=4, steps=5, lr=0.05, max_new_tokens=5)
     for i, prompt in enumerate(PROMPTS):
-        alone = soft_prompt(model, tok, [prompt], [TARGETS[i]], n_tokens=4, steps=5, lr=0.05, max_new_tokens=5)
+        alone = soft_prompt(model, tok, [prompt], [TARGETS[i]], n_tokens=4, steps=5, lr=0.05,
+                            max_new_tokens=5)
         assert alone.details[0]["target_loss"] == pytest.approx(batched.details[i]["target_loss"], abs=1e-4)
         assert alone.details[0]["steps"] == batched.details[i]["steps"]
         assert alone.generations[0] == batched.generations[i]
@@ -93,13 +97,12 @@ def test_soft_prompt_success_stops_early_and_the_answer_starts_with_the_target(s
     assert wins  # this model is reachable (measured: 2 of 3 within 60 steps)
     for i in wins:
         assert result.generations[i].startswith(TARGETS[i])
-        assert result.details[i]["steps"] < 60
+        assert result.details[i]["steps"] == result.details[i]["steps_to_break"] < 60
+        assert result.details[i]["start"] == 0
     for i, info in enumerate(result.details):
         if not info["success"]:
-            assert info["steps"] == 60
+            assert info["steps"] == 60 and info["steps_to_break"] is None
     assert result.effort["success_rate"] == pytest.approx(len(wins) / len(PROMPTS))
-    assert result.effort["steps_to_success"] == pytest.approx(
-        sum(result.details[i]["steps"] for i in wins) / len(wins))
 
 
 def test_soft_prompt_adam_variant_and_argument_checks(lm):
@@ -111,6 +114,12 @@ def test_soft_prompt_adam_variant_and_argument_checks(lm):
         soft_prompt(model, tok, PROMPTS[:1], TARGETS[:1], method="sgd")
     with pytest.raises(ValueError, match="targets"):
         soft_prompt(model, tok, PROMPTS, TARGETS[:1])
+    with pytest.raises(ValueError, match="objective"):
+        soft_prompt(model, tok, PROMPTS[:1], TARGETS[:1], objective="refusal")
+    with pytest.raises(ValueError, match="restarts"):
+        gcg(model, tok, PROMPTS[:1], TARGETS[:1], restarts=0)
+    with pytest.raises(ValueError, match="checkpoints"):
+        gcg(model, tok, PROMPTS[:1], TARGETS[:1], checkpoints=[0, 5], judge=lambda p, a: [True] * len(a))
 
 
 def test_frozen_model_restores_flags_and_training_mode_after_an_error(lm):
@@ -139,16 +148,16 @@ def test_gcg_best_loss_never_increases_and_the_suffix_retokenizes(lm):
     assert len(result.generations) == len(result.details) == 2
     special = set(tok.all_special_ids)
     for prompt, info in zip(PROMPTS, result.details):
-        losses = info["losses"]
-        assert info["backend"] == "es2"
+        [losses] = info["losses"]  # one start
         assert len(losses) == info["steps"] + 1 == 6
         assert all(b <= a for a, b in zip(losses, losses[1:]))
-        assert info["best_loss"] == losses[-1] < info["initial_loss"] == losses[0]
+        assert info["loss"] == pytest.approx(losses[-1], abs=1e-5)
+        assert losses[-1] < info["initial_loss"] == pytest.approx(losses[0], abs=1e-5)
         assert len(info["suffix_ids"]) == 8 and not special & set(info["suffix_ids"])
         assert tok(info["suffix"], add_special_tokens=False)["input_ids"] == info["suffix_ids"]
         assert info["attacked_prompt"] == prompt + info["suffix"]
-    assert result.effort["steps"] == 5
-    assert result.effort["best_loss"] < result.effort["initial_loss"]
+    assert result.effort["budget"] == 5
+    assert result.effort["loss"] < result.effort["initial_loss"]
 
 
 def test_gcg_generation_is_the_greedy_answer_to_the_optimised_ids_and_is_seeded(lm):
@@ -164,25 +173,38 @@ def test_gcg_generation_is_the_greedy_answer_to_the_optimised_ids_and_is_seeded(
     assert first.generations[0] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_gcg_rejects_unknown_backend(lm):
+def test_banned_ids_are_cached_per_tokenizer(lm):
     model, tok = lm
-    with pytest.raises(ValueError, match="backend"):
-        gcg(model, tok, PROMPTS[:1], TARGETS[:1], backend="magic")
+    vocab = model.get_input_embeddings().num_embeddings
+    first = banned_ids(tok, vocab, allow_non_ascii=False)
+    assert banned_ids(tok, vocab, allow_non_ascii=False) is first
+    assert set(tok.all_special_ids) <= set(first.tolist())
+    assert set(banned_ids(tok, vocab, allow_non_ascii=True).tolist()) < set(first.tolist())
 
 
-@pytest.mark.skipif(not nanogcg_available(), reason="nanogcg is optional (pip install --no-deps nanogcg==0.3.0)")
-def test_gcg_nanogcg_backend(lm):
-    model, tok = lm
-    # the tiny tokenizer's BOS is <|im_start|>, like SmolLM2's: nanogcg would strip every turn marker
-    with pytest.raises(ValueError, match="BOS"):
-        gcg(model, tok, PROMPTS[:1], TARGETS[:1], steps=2, search_width=8, topk=8, backend="nanogcg")
-    plain = copy.deepcopy(tok)
-    plain.bos_token = None
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    result = gcg(model, plain, PROMPTS[:1], TARGETS[:1], steps=3, search_width=16, topk=16, suffix_tokens=8,
-                 backend="nanogcg", max_new_tokens=4)
-    assert torch.are_deterministic_algorithms_enabled() == deterministic
-    info = result.details[0]
-    assert info["backend"] == "nanogcg" and len(info["losses"]) == 3
-    assert all(b <= a for a, b in zip(info["losses"], info["losses"][1:]))
-    assert len(result.generations) == 1
+def test_refusal_openings_are_prefix_free_and_follow_the_target_with_a_space(lm):
+    _, tok = lm
+    ids = refusal_ids(tok, "sure, here", ["I can't", "I can't help", "I can't", "I'm sorry"])
+    assert ids == [tok(" I can't", add_special_tokens=False)["input_ids"],
+                   tok(" I'm sorry", add_special_tokens=False)["input_ids"]]
+    no_space = tok("I'm sorry", add_special_tokens=False)["input_ids"]
+    assert refusal_ids(tok, "sure:\n", ["I'm sorry"]) == [no_space]
+
+
+def test_log1mexp_is_accurate_at_both_ends():
+    x = torch.tensor([-1e-6, -0.1, -0.7, -5.0, -50.0], dtype=torch.float64)
+    assert torch.allclose(log1mexp(x.float()).double(), torch.log(1 - torch.exp(x)), rtol=1e-4)
+    x = torch.tensor([0.0, -1e-9, -0.5, -100.0], requires_grad=True)
+    values = log1mexp(x)
+    values.sum().backward()
+    values = values.detach()
+    assert torch.isfinite(values).all()
+    assert float(values[0]) == float(values[1]) == pytest.approx(math.log(1e-6), rel=1e-3)
+    assert torch.isfinite(x.grad).all() and (x.grad < 0).all()  # clamped in value, not in gradient
+    assert x.grad[0] < x.grad[2] < x.grad[3]  # steepest where the refusal is surest
+
+
+def test_checkpoint_schedule_doubles_and_always_ends_the_start():
+    assert checkpoint_steps(50, None) == {5, 10, 20, 40, 50}
+    assert checkpoint_steps(3, None) == {3}
+    assert checkpoint_steps(8, [2, 4, 16]) == {2, 4, 8}

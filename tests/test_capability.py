@@ -5,8 +5,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from es2.capability import (agreement, benign_text, greedy_agreement, letter_token_ids, load_mc_csv,
-                            mc_prompt, mmlu_sample_path, multiple_choice_accuracy, multiple_choice_scores,
+from es2.capability import (agreement, answer_kl, benign_text, greedy_agreement, load_mc_csv, mmlu_sample_path,
                             over_refusal, per_token_kl, perplexity)
 from es2.errors import DataError
 from es2.generation import chat_prompts
@@ -44,6 +43,72 @@ def test_kl_to_another_model_is_positive_and_padding_free(lm):
     with pytest.raises(ValueError, match="responses"):
         per_token_kl(model, other, tok, PROMPTS, ["x"])
     assert math.isnan(per_token_kl(model, other, tok, []))
+
+
+class _NoisyPrompt(torch.nn.Module):
+    """The wrapped model with noise added to its logits everywhere but the `n_answer` positions that predict
+    the answer tokens (or only there: only_answer=False); one unpadded sequence per call."""
+
+    def __init__(self, inner, n_answer: int, only_answer: bool = True):
+        super().__init__()
+        self.inner, self.n_answer, self.only_answer = inner, n_answer, only_answer
+
+    def forward(self, input_ids, **kwargs):
+        out = self.inner(input_ids=input_ids, **kwargs)
+        noise = torch.randn_like(out.logits) * 5
+        scored = torch.zeros(out.logits.shape[1], dtype=torch.bool)
+        scored[-(self.n_answer + 1):-1] = True
+        out.logits = torch.where(scored[None, :, None] == self.only_answer, out.logits, out.logits + noise)
+        return out
+
+
+def _greedy_ids(model, tok, prompt: str, n: int) -> list[int]:
+    enc = tok(chat_prompts(tok, [prompt]), add_special_tokens=False, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def test_answer_kl_with_itself_and_own_greedy_answers(lm):
+    model, tok = lm
+    answers = [_greedy_ids(model, tok, p, 6) for p in PROMPTS]
+    out = answer_kl(model, model, tok, PROMPTS, answers, batch_size=3)
+    assert out["kl"] == pytest.approx(0.0, abs=1e-6) and out["agreement"] == 1.0
+    assert out["agreement_per_prompt"] == [1.0] * 4 and out["tokens"] == [6] * 4
+    itself = answer_kl(model, lambda: nullcontext(model), tok, PROMPTS, ["sure, here is", "ok", "", "x"])
+    assert itself["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_answer_kl_counts_only_answer_positions(lm):
+    model, tok = lm
+    prompt, answer = PROMPTS[0], "sure, here is how to"
+    n = len(tok(answer, add_special_tokens=False)["input_ids"])
+    torch.manual_seed(0)
+    prompt_noise = _NoisyPrompt(model, n)
+    assert answer_kl(model, prompt_noise, tok, [prompt], [answer], batch_size=1)["kl"] == \
+        pytest.approx(0.0, abs=1e-6)
+    assert per_token_kl(model, prompt_noise, tok, [prompt], [answer], batch_size=1) > 0.1  # counts prompts
+    answer_noise = _NoisyPrompt(model, n, only_answer=False)
+    assert answer_kl(model, answer_noise, tok, [prompt], [answer], batch_size=1)["kl"] > 0.1
+
+
+def test_answer_kl_to_another_model_is_token_weighted_and_padding_free(lm):
+    model, tok = lm
+    other = build_model(tok, seed=1)
+    answers = ["sure, here is how to bake bread", "ok", "", "the capital of france is paris"]
+    out = answer_kl(model, other, tok, PROMPTS, answers, batch_size=3)
+    singles = [answer_kl(model, other, tok, [p], [a], batch_size=1) for p, a in zip(PROMPTS, answers)]
+    assert out["kl_per_prompt"][:2] + out["kl_per_prompt"][3:] == \
+        pytest.approx([s["kl"] for i, s in enumerate(singles) if i != 2], rel=1e-4)
+    assert math.isnan(out["kl_per_prompt"][2]) and math.isnan(out["agreement_per_prompt"][2])
+    tokens = out["tokens"]
+    assert tokens[2] == 0 and out["kl"] > 0
+    assert out["kl"] == pytest.approx(sum(k * n for k, n in zip(out["kl_per_prompt"], tokens) if n)
+                                      / sum(tokens), rel=1e-6)
+    assert 0 <= out["agreement"] <= 1
+    assert math.isnan(answer_kl(model, other, tok, [], [])["kl"])
+    with pytest.raises(ValueError, match="answers"):
+        answer_kl(model, other, tok, PROMPTS, ["x"])
 
 
 # --- perplexity ---------------------------------------------------------------------------------------------
@@ -165,8 +230,10 @@ def test_load_mc_csv_missing_and_empty_files(tmp_path):
 
 def test_shipped_mmlu_sample():
     questions = load_mc_csv(mmlu_sample_path())
-    assert len(questions) == 40
-    assert {q["answer"] for q in questions} == {0, 1, 2, 3}
+    assert len(questions) >= 200
+    counts = [sum(q["answer"] == k for q in questions) for k in range(4)]
+    assert min(counts) >= 50 and max(counts) - min(counts) <= 4  # balanced letters: chance is 25%
+    assert len({q["question"] for q in questions}) == len(questions)
     assert all(len(set(q["choices"])) == 4 and q["subject"] for q in questions)
 
 
@@ -175,23 +242,3 @@ def test_shared_mmlu_subset_loads(shared_datasets):
     questions = load_mc_csv(path)
     assert len(questions) == 285
     assert all(0 <= q["answer"] <= 3 and len(q["choices"]) == 4 for q in questions)
-
-
-def test_multiple_choice_batched_matches_unbatched(lm):
-    model, tok = lm
-    questions = load_mc_csv(mmlu_sample_path())[:7]
-    letters = letter_token_ids(tok)
-    assert [tok.decode([i]) for i in letters] == ["A", "B", "C", "D"]
-    scores = multiple_choice_scores(model, tok, questions, batch_size=3)
-    with torch.no_grad():
-        for row, q in enumerate(questions):
-            [text] = chat_prompts(tok, [mc_prompt(q)])
-            ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            expected = torch.log_softmax(model(input_ids=ids).logits[0, -1], -1)[letters]
-            assert torch.allclose(scores[row], expected, atol=1e-5)
-    accuracy, n = multiple_choice_accuracy(model, tok, questions, batch_size=3)
-    assert n == 7 and 0 <= accuracy <= 1
-    answers = torch.tensor([q["answer"] for q in questions])
-    assert accuracy == pytest.approx(float((scores.argmax(-1) == answers).float().mean()))
-    assert mc_prompt(questions[0]).endswith("\nD. " + questions[0]["choices"][3] + "\nAnswer:")
-    assert multiple_choice_accuracy(model, tok, [])[1] == 0

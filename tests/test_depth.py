@@ -74,7 +74,7 @@ def test_refusal_direction_and_default_layer():
 
 
 def test_projection_analysis_on_the_tiny_model(tiny_model_dir):
-    from es2.attacks.representation import last_token_states
+    from es2.attacks.hooks import last_token_states
     from es2.generation import chat_prompts
 
     model, tok = load_causal_lm(str(tiny_model_dir))

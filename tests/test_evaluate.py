@@ -11,11 +11,13 @@ from es2.config import load_params
 from es2.stages.evaluate import run_evaluate
 from tests.conftest import FIXTURES, REPO
 
+QUICK = "evaluate.profiles.quick"
 BUDGET = ("evaluate.limit=4", "evaluate.max_new_tokens=6", "evaluate.batch_size=4", "evaluate.layers=[1,2]",
-          "evaluate.softprompt_prompts=1", "evaluate.softprompt_steps=2", "evaluate.gcg_prompts=1",
-          "evaluate.gcg_steps=2", "evaluate.gcg_search_width=8", "evaluate.gcg_topk=8",
+          "evaluate.profile=quick", f"{QUICK}.softprompt_prompts=2", f"{QUICK}.softprompt_steps=2",
+          f"{QUICK}.softprompt_checkpoints=[1,2]", f"{QUICK}.gcg_prompts=1", f"{QUICK}.gcg_steps=2",
+          f"{QUICK}.gcg_search_width=8", f"{QUICK}.gcg_topk=8", f"{QUICK}.effort_rounds=2",
           "evaluate.prefill_tokens=[2]", "evaluate.injection_steps=[0,2]", "evaluate.injection_tokens=[2]",
-          "evaluate.repe_coefficients=[1,8]", "evaluate.scav_min_accuracy=0.0", "evaluate.scav_budgets=[0.5]",
+          "evaluate.repe_coefficients=[0.1,8]", "evaluate.scav_min_accuracy=0.0",
           "evaluate.span_source=target", "evaluate.judges=[jbb,qi]", "evaluate.headline_judge=jbb",
           "train.trajectory_steps=[0,1]", "train.trajectory_span_tokens=3")
 
@@ -46,17 +48,30 @@ def _prompts(tmp_path):
 def test_evaluate_writes_metrics_examples_plots_and_a_report(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no artifacts/pairs here: probes are fitted on the evaluation prompts
     paths = _prompts(tmp_path)
-    params = load_params(REPO / "params.yaml", BUDGET)
+    params = load_params(REPO / "params.yaml", (*BUDGET, f"model.name_or_path={tiny_model_dir}"))
     metrics = run_evaluate(params, tmp_path / "out", str(tiny_model_dir), str(tiny_model_dir),
                            str(paths["harmful"]), str(paths["harmless"]))
     out = tmp_path / "out"
     for family in ("direct", "template_novelist", "prefill_k2", "injection_s0_k2", "injection_s2_k2", "scav",
-                   "scav_budget0.5", "repe_c1", "softprompt", "gcg"):
+                   "repe_c0.1", "repe_c8", "softprompt", "gcg"):
         assert 0.0 <= metrics[f"asr/{family}/jbb"] <= 1.0, family
         assert f"baseline/asr/{family}/qi" in metrics
-    assert metrics["capability/kl_to_baseline"] == pytest.approx(0.0, abs=1e-6)  # same model on both sides
+    for key in ("kl_to_baseline", "prompt_kl_to_baseline", "kl_to_shipped", "baseline/capability/kl_to_shipped"):
+        key = key if "/" in key else f"capability/{key}"
+        assert metrics[key] == pytest.approx(0.0, abs=1e-6), key  # the same model on every side
     assert metrics["capability/greedy_agreement"] == pytest.approx(1.0)
-    assert "geometry/probe_accuracy/mean" in metrics and "effort/scav/shift_norm_mean" in metrics
+    # teacher-forced on re-tokenized text: the random tiny model's byte tokens do not survive decode + encode
+    assert 0 < metrics["capability/answer_agreement"] <= 1
+    assert 0 <= metrics["capability/mc_accuracy"] <= 1 and metrics["capability/mc_n"] >= 200
+    assert "geometry/probe_accuracy/mean" in metrics and "effort/scav/shift_rel_mean" in metrics
+    for attack in ("repe", "scav", "softprompt", "gcg"):  # the behavioural certificate, both roles
+        assert metrics[f"effort/{attack}/ci_low"] <= metrics[f"effort/{attack}/median"] \
+            <= metrics[f"effort/{attack}/ci_high"], attack
+        assert f"baseline/effort/{attack}/median" in metrics and metrics[f"n/effort_{attack}"] >= 1
+        assert metrics[f"pvalue/effort_{attack}"] == 1.0  # the same model twice
+    assert (out / "survival.csv").read_text().startswith("model,attack,budget,still_refused\n")
+    for attack in ("repe", "scav", "softprompt"):
+        assert (out / f"survival_{attack}.png").stat().st_size > 1000
     saved = json.loads((out / "metrics.json").read_text())
     assert all(not isinstance(v, (list, dict)) for v in saved.values())  # flat, for `dvc metrics`
     examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]

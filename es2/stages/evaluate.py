@@ -123,7 +123,8 @@ def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", mod
     import torch
 
     from es2.capability import greedy_agreement, load_mc_csv, mmlu_sample_path, per_token_kl
-    from es2.headline import as_metrics, headline_rows, verdict
+    from es2.stages.suite import Timed
+    from es2.headline import as_metrics, effort_rows, headline_rows, verdict
     from es2.report import write_report
     from es2.sampling import stratified_sample
     from es2.separation_metrics import flatten_report, layer_report, pca_scatter
@@ -177,11 +178,14 @@ def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", mod
     if "baseline" in runs:
         base = runs["baseline"]
         (model_, tokenizer), (baseline_model, _) = loaded["model"], loaded["baseline"]
-        metrics["capability/kl_to_baseline"] = per_token_kl(model_, baseline_model, tokenizer,
-                                                            [r["prompt"] for r in benign_rows])
-        runs["model"]["outcomes"]["kl"] = metrics["capability/kl_to_baseline"]
+        metrics["capability/prompt_kl_to_baseline"] = per_token_kl(model_, baseline_model, tokenizer,
+                                                                   [r["prompt"] for r in benign_rows])
         metrics["capability/greedy_agreement"] = greedy_agreement(runs["model"]["benign_answers"],
                                                                   base["benign_answers"], tokenizer)
+        with Timed("capability on answers"):
+            metrics.update(_answer_capability(params, loaded, base["benign_answers"],
+                                              [r["prompt"] for r in benign_rows], cfg.batch_size))
+        runs["model"]["outcomes"]["kl"] = metrics["capability/kl_to_baseline"]
         for layer in layers:
             plots[f"pca_layer{layer}.png"] = pca_scatter(base["states"], runs["model"]["states"], layer,
                                                          out_dir / f"pca_layer{layer}.png",
@@ -190,15 +194,74 @@ def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", mod
     rows = headline_rows(_for_headline(runs["model"]["outcomes"]),
                          _for_headline(runs["baseline"]["outcomes"]) if "baseline" in runs else None, alpha)
     metrics.update(as_metrics(rows))
-    sentence = verdict(rows, alpha)
+    efforts = effort_rows(runs["model"]["efforts"], runs["baseline"]["efforts"] if "baseline" in runs else None,
+                          alpha)
+    for e in efforts:
+        metrics.update({f"effort/{e['attack']}/ratio": e["ratio"], f"pvalue/effort_{e['attack']}": e["pvalue"],
+                        f"n/effort_{e['attack']}": e["n"]})
+    plots.update(_survival_plots(out_dir, runs))
+    sentence = verdict(rows, alpha, efforts)
     context = {"judge": cfg.headline_judge, "judges": list(judges), "span_source": cfg.span_source,
                "n_harmful": len(harmful_rows), "n_benign": len(benign_rows),
                "n_borderline": sum(r.get("category") == "borderline" for r in benign_rows),
                "heldout_grid": grid.describe(False), "trained_grid": grid.describe(True).split(" | ")[-1]
-               if cfg.trained_perturbations else None, "profile": None}
+               if cfg.trained_perturbations else None, "profile": cfg.profile,
+               "budgets": cfg.budgets.model_dump(), "efforts": efforts}
     _write_outputs(out_dir, runs, metrics, context, rows, sentence)
     write_report(out_dir, runs, metrics, plots, rows, sentence, alpha, context)
     return metrics
+
+
+def _answer_capability(params: Params, loaded: dict, baseline_answers: list[str], prompts: list[str],
+                       batch_size: int) -> dict:
+    """KL and teacher-forced agreement on the answers a user reads: on the baseline's own greedy answers to the
+    benign prompts, KL(baseline || model) (`kl_to_baseline`, the headline's and the gate's KL); on the shipped
+    model's (model.name_or_path, before any training) own answers, KL(shipped || model) for the model and the
+    baseline (`kl_to_shipped`: what the whole recipe, warm start included, cost)."""
+    from es2.capability import answer_kl
+    from es2.generation import generate
+
+    (model, tokenizer), (baseline, _) = loaded["model"], loaded["baseline"]
+    out = {}
+    found = answer_kl(model, baseline, tokenizer, prompts, baseline_answers, batch_size)
+    out["capability/kl_to_baseline"], out["capability/answer_agreement"] = found["kl"], found["agreement"]
+    shipped, shipped_tokenizer = load_model(params.model.name_or_path, params)
+    if shipped_tokenizer.get_vocab() != tokenizer.get_vocab():  # another model family: no per-token KL exists
+        print(f"  capability/kl_to_shipped skipped: {params.model.name_or_path} has another tokenizer than the "
+              "evaluated model", flush=True)
+        return out
+    shipped_answers = generate(shipped, tokenizer, prompts, max_new_tokens=params.evaluate.max_new_tokens,
+                               batch_size=batch_size, progress=False)
+    for prefix, evaluated in (("", model), ("baseline/", baseline)):
+        found = answer_kl(evaluated, shipped, tokenizer, prompts, shipped_answers, batch_size)
+        out[f"{prefix}capability/kl_to_shipped"] = found["kl"]
+        out[f"{prefix}capability/answer_agreement_to_shipped"] = found["agreement"]
+    return out
+
+
+def _survival_plots(out_dir: Path, runs: dict) -> dict:
+    """survival_<attack>.png: share of prompts still refused against budget, every role on one plot."""
+    from es2.effort import plot_survival
+
+    plots = {}
+    for attack, found in runs["model"]["efforts"].items():
+        curves = {role: run["efforts"][attack]["budgets"] for role, run in runs.items() if attack in run["efforts"]}
+        name = f"survival_{attack}.png"
+        plots[name] = plot_survival(out_dir / name, curves, found["high"], attack, found["unit"])
+    return plots
+
+
+def _survival_rows(runs: dict) -> list[list]:
+    """The survival curves as rows (model, attack, budget, share still refused) on each attack's shared grid."""
+    from es2.effort import survival, survival_grid
+
+    rows = []
+    for attack, found in runs["model"]["efforts"].items():
+        curves = {role: run["efforts"][attack]["budgets"] for role, run in runs.items() if attack in run["efforts"]}
+        grid = survival_grid(curves, found["high"])
+        for role, budgets in curves.items():
+            rows += [[role, attack, f"{b:.4g}", f"{s:.4f}"] for b, s in zip(grid, survival(budgets, grid))]
+    return rows
 
 
 def _for_headline(outcomes: dict) -> dict:
@@ -237,6 +300,7 @@ def _write_outputs(out_dir: Path, runs: dict, metrics: dict, context: dict, rows
                                        run["metrics"][f"asr/{result.name}/{judge}"]])
     _csv(out_dir / "asr.csv", ["model", "attack", "judge", "asr"], asr_rows)
     _csv(out_dir / "depth.csv", ["model", "judge", "step", "k", "asr"], depth_rows)
+    _csv(out_dir / "survival.csv", ["model", "attack", "budget", "still_refused"], _survival_rows(runs))
     analyses = {role: run["depth"] for role, run in runs.items() if run.get("depth")}
     # always written (a DVC output): says so when no injection with s > 0 ran
     write_json(out_dir / "depth_projection.json",

@@ -21,6 +21,11 @@ import hashlib
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
+from es2.attacks import optimization, prompting, representation
+from es2.attacks.hooks import all_layers, last_token_states, num_layers
+from es2.effort import summarise
 from es2.spans import targets
 
 FORCED_FAMILIES = ("prefill", "injection", "trained_prefill", "trained_injection")
@@ -80,8 +85,6 @@ class Timed:
 
 def _forced(model, tokenizer, prompts, spans, grid_prefill, grid_injection, prefix, common) -> list:
     """Prefill and injection results on one grid; names prefixed with `prefix` ("" or "trained_")."""
-    from es2.attacks import prompting
-
     results = []
     if grid_prefill:
         for r in prompting.prefill(model, tokenizer, prompts, spans, grid_prefill, **common):
@@ -96,18 +99,22 @@ def _forced(model, tokenizer, prompts, spans, grid_prefill, grid_injection, pref
 
 
 def run_attacks(model, tokenizer, harmful: list[dict], spans: dict[str, list[str]], grid: Grid, probe_sets,
-                cfg, layers: list[int]) -> list:
-    """Every attack in cfg.attacks against this model (adaptive: probes and directions fitted on it).
-    `spans`: {"heldout": [...], "trained": [...]}, one span per harmful record."""
-    from es2.attacks import optimization, prompting, representation
+                cfg, judge) -> tuple[list, dict]:
+    """Every attack in cfg.attacks against this model (adaptive: probes and directions fitted on it), with the
+    budgets of cfg.profile. `spans`: {"heldout": [...], "trained": [...]}, one span per harmful record; `judge`:
+    (prompts, answers) -> refused, the headline judge, which decides when an effort search has broken a prompt.
 
+    Returns (results, efforts): efforts[attack] = {"budgets": per-prompt smallest budget to break (None = not
+    broken within "high"), "high", "unit", "prompts"} for RepE, SCAV, the soft prompt and GCG."""
     prompts = [r["prompt"] for r in harmful]
-    affirmative = targets(harmful)  # what the optimisation attacks aim for
     common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    results = []
-    if "direct" in cfg.attacks:
+    results, efforts, refused_direct = [], {}, None
+    if "direct" in cfg.attacks or {"scav", "repe"} & set(cfg.attacks):  # the effort searches start from it
         with Timed("direct"):
-            results.append(prompting.direct(model, tokenizer, prompts, **common))
+            direct = prompting.direct(model, tokenizer, prompts, **common)
+        refused_direct = judge(prompts, direct.generations)
+        if "direct" in cfg.attacks:
+            results.append(direct)
     if "template" in cfg.attacks:
         with Timed("templates"):
             results += prompting.templates(model, tokenizer, prompts, **common)
@@ -123,39 +130,85 @@ def run_attacks(model, tokenizer, harmful: list[dict], spans: dict[str, list[str
             results += _forced(model, tokenizer, prompts, spans["trained"], trained_pre, trained_inj, "trained_",
                                common)
     if {"scav", "repe"} & set(cfg.attacks):
-        fit_harmful, fit_harmless = probe_sets
-        band = representation.default_band(model.config.num_hidden_layers)  # RepE's band, ~25-45% of depth
-        fit_layers = sorted(set(layers) | set(band))
-        h_states = representation.last_token_states(model, tokenizer, fit_harmful, fit_layers, cfg.batch_size)
-        s_states = representation.last_token_states(model, tokenizer, fit_harmless, fit_layers, cfg.batch_size)
-        if "scav" in cfg.attacks:
-            probes = representation.fit_probes({layer: h_states[layer] for layer in layers},
-                                               {layer: s_states[layer] for layer in layers}, seed=cfg.seed)
-            with Timed("scav"):
-                for budget in [None, *cfg.scav_budgets]:
-                    results.append(representation.scav(model, tokenizer, prompts, probes, p0=cfg.scav_p0,
-                                                       min_accuracy=cfg.scav_min_accuracy, budget=budget,
-                                                       **common))
-        if "repe" in cfg.attacks:
-            n = min(len(fit_harmful), len(fit_harmless))  # RepE pairs the i-th harmful with the i-th harmless
-            directions = {layer: representation.repe_direction(h_states[layer][:n], s_states[layer][:n])
-                          for layer in band}
-            with Timed("repe"):
-                results += representation.repe(model, tokenizer, prompts, directions, cfg.repe_coefficients,
-                                               **common)
+        more, found = _representation_attacks(model, tokenizer, prompts, probe_sets, cfg, judge, refused_direct)
+        results += more
+        efforts.update(found)
+    more, found = _optimisation_attacks(model, tokenizer, harmful, cfg, judge)
+    return results + more, {**efforts, **found}
+
+
+def _representation_attacks(model, tokenizer, prompts, probe_sets, cfg, judge, refused_direct):
+    """SCAV as published and RepE at fixed strengths (ASR), and each one's per-prompt effort search."""
+    fit_harmful, fit_harmless = probe_sets
+    band = representation.default_band(num_layers(model))  # RepE's band, ~25-45% of depth
+    scav_layers = cfg.scav_layers or all_layers(model)
+    fit_layers = sorted(set(scav_layers) | set(band))
+    h_states = last_token_states(model, tokenizer, fit_harmful, fit_layers, cfg.batch_size)
+    s_states = last_token_states(model, tokenizer, fit_harmless, fit_layers, cfg.batch_size)
+    common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    search = dict(judge=judge, refused_direct=refused_direct, rounds=cfg.budgets.effort_rounds)
+    results, efforts = [], {}
+    if "scav" in cfg.attacks:
+        probes = representation.fit_probes({layer: h_states[layer] for layer in scav_layers},
+                                           {layer: s_states[layer] for layer in scav_layers}, seed=cfg.seed)
+        attacked = representation.attacked_layers(probes, cfg.scav_min_accuracy)
+        print(f"  scav: {len(attacked)} of {len(probes)} layers pass probe accuracy > {cfg.scav_min_accuracy:g}",
+              flush=True)
+        with Timed("scav"):
+            results.append(representation.scav(model, tokenizer, prompts, probes, cfg.scav_p0,
+                                               cfg.scav_min_accuracy, **common))
+        with Timed("scav effort search"):
+            found = representation.scav_effort(model, tokenizer, prompts, probes, low=cfg.scav_effort[0],
+                                               high=cfg.scav_effort[1], p0=cfg.scav_p0,
+                                               min_accuracy=cfg.scav_min_accuracy, **search, **common)
+        efforts["scav"] = _effort(found.budgets, cfg.scav_effort[1], "shift norm / median state norm", prompts)
+    if "repe" in cfg.attacks:
+        n = min(len(fit_harmful), len(fit_harmless))  # RepE pairs the i-th harmful with the i-th harmless
+        directions = {layer: representation.repe_direction(h_states[layer][:n], s_states[layer][:n])
+                      for layer in band}
+        with Timed("repe"):
+            results += representation.repe(model, tokenizer, prompts, directions, cfg.repe_coefficients, **common)
+        with Timed("repe effort search"):
+            found = representation.repe_effort(model, tokenizer, prompts, directions, low=cfg.repe_effort[0],
+                                               high=cfg.repe_effort[1], **search, **common)
+        efforts["repe"] = _effort(found.budgets, cfg.repe_effort[1], "steering norm / mean state norm", prompts)
+    return results, efforts
+
+
+def _optimisation_attacks(model, tokenizer, harmful, cfg, judge):
+    """The soft prompt and GCG on the first prompts of the (stratified) sample, at the profile's budget, success
+    judged on the generated answer; effort = optimisation steps (over all starts) until a compliant answer."""
+    budgets, affirmative = cfg.budgets, targets(harmful)
+    prompts = [r["prompt"] for r in harmful]
+    options = dict(objective=cfg.objective, recovery_weight=cfg.recovery_weight, judge=judge,
+                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    results, efforts = [], {}
     if "softprompt" in cfg.attacks:
-        n = cfg.softprompt_prompts
+        n = min(budgets.softprompt_prompts, len(prompts))
         with Timed("softprompt"):
-            results.append(optimization.soft_prompt(model, tokenizer, prompts[:n], affirmative[:n],
-                                                    cfg.softprompt_tokens, cfg.softprompt_steps, cfg.softprompt_lr,
-                                                    max_new_tokens=cfg.max_new_tokens))
-    if "gcg" in cfg.attacks:
-        n = cfg.gcg_prompts
+            r = optimization.soft_prompt(model, tokenizer, prompts[:n], affirmative[:n], cfg.softprompt_tokens,
+                                         budgets.softprompt_steps, cfg.softprompt_lr,
+                                         restarts=budgets.softprompt_restarts,
+                                         checkpoints=budgets.softprompt_checkpoints, **options)
+        results.append(r)
+        efforts["softprompt"] = _effort([d["steps_to_break"] for d in r.details],
+                                        budgets.softprompt_steps * budgets.softprompt_restarts,
+                                        "optimisation steps", prompts[:n])
+        efforts["softprompt"]["token_distance"] = [d["token_distance"] for d in r.details]
+    if "gcg" in cfg.attacks and budgets.gcg_prompts:
+        n = min(budgets.gcg_prompts, len(prompts))
         with Timed("gcg"):
-            results.append(optimization.gcg(model, tokenizer, prompts[:n], affirmative[:n], steps=cfg.gcg_steps,
-                                            search_width=cfg.gcg_search_width, topk=cfg.gcg_topk,
-                                            max_new_tokens=cfg.max_new_tokens))
-    return results
+            r = optimization.gcg(model, tokenizer, prompts[:n], affirmative[:n], budgets.gcg_steps,
+                                 budgets.gcg_search_width, budgets.gcg_topk, restarts=budgets.gcg_restarts,
+                                 **options)
+        results.append(r)
+        efforts["gcg"] = _effort([d["steps_to_break"] for d in r.details], budgets.gcg_steps * budgets.gcg_restarts,
+                                 "optimisation steps", prompts[:n])
+    return results, efforts
+
+
+def _effort(budgets: list, high: float, unit: str, prompts: list[str]) -> dict:
+    return {"budgets": list(budgets), "high": float(high), "unit": unit, "prompts": [prompt_key(p) for p in prompts]}
 
 
 def forced_text(result, i: int) -> str:
@@ -200,13 +253,14 @@ def evaluate_one(model, tokenizer, harmful, benign, spans, grid, probe_sets, cfg
     """All figures for one model: attack ASRs per judge (continuation and whole answer), efforts, refusal
     margin, over-refusal, perplexity, MC accuracy, the refusal-direction-vs-recovery test on the held-out
     injections (es2.depth), the pooled states (geometry) and the per-prompt outcomes under the headline judge."""
-    from es2.attacks.representation import last_token_states, smallest_flipping_coefficient
-    from es2.capability import benign_text, multiple_choice_correct, perplexity
+    from es2.capability import benign_text, perplexity
+    from es2.mc_eval import lm_eval_multiple_choice
     from es2.generation import generate
     from es2.judges import refusal_margin
 
     started = time.perf_counter()
-    results = run_attacks(model, tokenizer, harmful, spans, grid, probe_sets, cfg, layers)
+    results, efforts = run_attacks(model, tokenizer, harmful, spans, grid, probe_sets, cfg,
+                                   judges[cfg.headline_judge].refused)
     with Timed("judging"):
         flags = judge_results(results, judges)
     metrics, examples, attacks_out = {}, [], {}
@@ -224,11 +278,11 @@ def evaluate_one(model, tokenizer, harmful, benign, spans, grid, probe_sets, cfg
                       **{f"judge_whole/{j}": v[i] for j, v in flags[r.name].get("whole", {}).items()},
                       **(r.details[i] if i < len(r.details) else {})}
                      for i, (p, g) in enumerate(zip(r.prompts, r.generations))]
-    repe = [r for r in results if r.family == "repe"]
-    for name in judges if repe else ():
-        refused = {r.name: flags[r.name]["cont"][name] for r in repe}
-        metrics.update({f"effort/repe/{k}/{name}": v for k, v in
-                        smallest_flipping_coefficient(repe, refused=refused).items() if k != "per_prompt"})
+    for attack, found in efforts.items():
+        metrics.update({f"effort/{attack}/{k}": v for k, v in summarise(found["budgets"], found["high"]).items()})
+    if "softprompt" in efforts:
+        distances = efforts["softprompt"]["token_distance"]
+        metrics["effort/softprompt/token_distance"] = float(np.median(distances)) if distances else float("nan")
     margins = refusal_margin(model, tokenizer, [r["prompt"] for r in harmful])
     metrics["refusal_margin/mean"] = float(margins.mean())
     metrics["refusal_margin/frac_positive"] = float((margins > 0).float().mean())
@@ -258,18 +312,20 @@ def evaluate_one(model, tokenizer, harmful, benign, spans, grid, probe_sets, cfg
                                                      for r in held})
         metrics.update(depth_test.flat_metrics(depth))
     metrics["capability/perplexity"] = perplexity(model, tokenizer, benign_text())
-    correct = multiple_choice_correct(model, tokenizer, mc_questions, cfg.batch_size)
-    metrics["capability/mc_accuracy"] = sum(correct) / len(correct) if correct else float("nan")
-    metrics["capability/mc_n"] = len(correct)
+    with Timed("multiple choice (lm-eval)"):
+        mc = lm_eval_multiple_choice(model, tokenizer, mc_questions, cfg.batch_size, cfg.mc_formulation)
+    correct = mc["correct"]
+    metrics.update({"capability/mc_accuracy": mc["accuracy"], "capability/mc_n": mc["n"],
+                    "capability/mc_ci_low": mc["ci_low"], "capability/mc_ci_high": mc["ci_high"]})
     states = {layer: (h, s) for layer, h, s in zip(
         layers, last_token_states(model, tokenizer, [r["prompt"] for r in harmful], layers, cfg.batch_size).values(),
         last_token_states(model, tokenizer, benign_prompts, layers, cfg.batch_size).values())}
     metrics["seconds"] = round(time.perf_counter() - started, 1)
-    outcomes = {"attacks": attacks_out,
+    outcomes = {"attacks": attacks_out, "efforts": efforts,
                 "benign": {"prompts": [prompt_key(p) for p in benign_prompts],
                            "refused": benign_flags[cfg.headline_judge], "borderline": borderline},
                 "mc": {"questions": [prompt_key(q["question"]) for q in mc_questions], "correct": correct}}
-    return {"metrics": metrics, "examples": examples, "results": results, "states": states,
+    return {"metrics": metrics, "examples": examples, "results": results, "efforts": efforts, "states": states,
             "benign_answers": benign_answers, "depth": depth, "outcomes": outcomes}
 
 
