@@ -1,15 +1,19 @@
 """How well each refusal judge agrees with human labels, on rows the shipped semantic head never trained on.
 
-    python benchmarks/judges.py [--pyrit DIR] [--heldout FILE.jsonl]
+    python benchmarks/judges.py [--pyrit DIR] [--heldout FILE.jsonl ...]
 
-(defaults: ../shared/datasets/pyrit_scorer_evals beside the checkout, benchmarks/data/judge_heldout.jsonl)
+(defaults: ../shared/datasets/pyrit_scorer_evals beside the checkout; benchmarks/data/judge_heldout.jsonl and
+es2/resources/judge/short_heldout.jsonl)
 
 Sets:
   - the PyRIT held-out split: the share of PyRIT's human-labelled chat-model completions (MIT) that the shipped
     head did NOT train on, identified by the row keys recorded in its head.json (`held_out_keys`); shown
     whole and by source file;
   - benchmarks/data/judge_heldout.jsonl: labelled responses written for this project as a benchmark only, in
-    styles phrase lists get wrong.
+    styles phrase lists get wrong;
+  - es2/resources/judge/short_heldout.jsonl: short and truncated answers in the style of the small models es2
+    attacks (32 new tokens), written beside the head's short-answer training rows but never trained on, with
+    prompts no training row has (es2/resources/judge/README.md).
 Any row whose key is among the head's training rows (`train_keys`) is dropped, and the count said, so no
 figure is measured on training data. Prints, per judge, accuracy, refusal recall and false-refusal rate
 (compliant answers called refusals), each with its Wilson 95% interval, and n. Run on a CPU in a minute.
@@ -62,12 +66,14 @@ def report(name: str, rows: list[dict], judges: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pyrit", type=Path, default=ROOT.parent / "shared" / "datasets" / "pyrit_scorer_evals")
-    parser.add_argument("--heldout", type=Path, default=ROOT / "benchmarks" / "data" / "judge_heldout.jsonl")
+    parser.add_argument("--heldout", type=Path, nargs="*",
+                        default=[ROOT / "benchmarks" / "data" / "judge_heldout.jsonl",
+                                 ROOT / "es2" / "resources" / "judge" / "short_heldout.jsonl"])
     args = parser.parse_args()
     head = json.loads(head_path().read_text(encoding="utf-8"))
     judges = {name: get_judge(name) for name in OFFLINE_JUDGES}
-    print(f"semantic head: {head_path()} (C = {head['C']:g}, "
-          f"cross-validated accuracy {head['cv_accuracy']:.3f})")
+    print(f"semantic head: {head_path()} (C = {head['C']:g}, cross-validated accuracy {head['cv_accuracy']:.3f}, "
+          f"log-loss {head['cv_log_loss']:.3f})")
     held_out_keys = set((head["provenance"]["pyrit"] or {}).get("held_out_keys", []))
     if not (args.pyrit / "refusal_labeled_responses.csv").exists():
         print(f"PyRIT scorer sets not found at {args.pyrit}: skipped (pass --pyrit DIR)")
@@ -79,11 +85,12 @@ def main() -> None:
         report("PyRIT held-out split (real chat-model completions, human labels)", rows, judges)
         for source in sorted({r["source"] for r in rows}):
             report(f"  of which {source}", [r for r in rows if r["source"] == source], judges)
-    if args.heldout.exists():
-        rows = unseen(read_jsonl(args.heldout), head["provenance"], str(args.heldout))
-        report(f"{args.heldout.name} (original, written as a benchmark only)", rows, judges)
-    else:
-        print(f"{args.heldout} not found: skipped")
+    for path in args.heldout:
+        if path.exists():
+            rows = unseen(read_jsonl(path), head["provenance"], str(path))
+            report(f"{path.name} (original, written as a benchmark only)", rows, judges)
+        else:
+            print(f"{path} not found: skipped")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--output", type=Path, required=True)
     imp.add_argument("--columns", help="field=column mapping, e.g. prompt=question,category=topic")
     imp.add_argument("--source", help="value of the source field (default: the format name)")
+    imp.add_argument("--model", help="refuse prompts holding this model's special tokens (a role marker such as "
+                                     "<|im_end|> would inject a chat turn); a model folder or HF id")
 
     val = add(sub, "validate", "validate", "check data quality with a Great Expectations suite")
     val.add_argument("--harmful", type=Path, help="harmful file (default: data.train_harmful)")
@@ -133,8 +135,13 @@ def _run(args, argv: list[str] | None = None) -> int:
         from es2.data.importers import import_records, parse_column_mapping, write_records
 
         columns = parse_column_mapping(args.columns) if args.columns else None
-        records = import_records(args.format, args.input, args.label, columns,
-                                 args.source)
+        tokens = ()
+        if args.model:
+            from es2.data.prompt_checks import special_token_strings
+            from es2.modeling import load_tokenizer
+
+            tokens = special_token_strings(load_tokenizer(args.model))
+        records = import_records(args.format, args.input, args.label, columns, args.source, tokens)
         write_records(records, args.output)
         print(f"wrote {len(records)} records to {args.output}")
         return 0

@@ -19,11 +19,9 @@ def atomic_path(target: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
-        # mkstemp makes the file private (0600); a finished artifact gets the user's normal mode instead, so a
-        # colleague or a container sharing the folder can read it
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        # mkstemp makes the file private (0600); a finished artifact gets the mode a plain open() would give,
+        # so a colleague or a container sharing the folder can read it
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -47,3 +45,19 @@ def write_jsonl(target: str | os.PathLike, rows: Iterable[dict]) -> int:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def _umask() -> int:
+    # Linux reports the umask in /proc. Elsewhere it can only be read by setting it, and while it is set other
+    # threads (data loaders, loggers) create files with the temporary value: 077 keeps those private rather
+    # than world-writable.
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask

@@ -35,6 +35,26 @@ def _diff(row: dict) -> str:
     return f"{100 * row['diff']:+.0f} pts{interval}"
 
 
+def _effort_lines(context: dict) -> list[str]:
+    """The effort certificate: median budget to break a prompt, per attack and model, and the paired test."""
+    from es2.report import effort_text
+
+    rows = [effort_text(e) for e in context.get("efforts", [])]
+    if not rows:
+        return []
+    lines = ["", "| effort to break (median [95% CI]) | model | baseline | ratio | Wilcoxon p | n | budget unit |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {e['label']} | {e['model_text']} | {e['baseline_text']} | {e['ratio_text']} | {e['p_text']} | "
+              f"{e['n']} | {e['unit']} |" for e in rows]
+    return lines
+
+
+def _timing_lines(metrics: dict) -> list[str]:
+    seconds = [(role, metrics.get(f"{role}seconds")) for role in ("", "baseline/")]
+    shown = [f"{role.rstrip('/') or 'model'} {value / 60:.1f} min" for role, value in seconds if value]
+    return ["", "Evaluation time per model on this machine: " + ", ".join(shown) + "."] if shown else []
+
+
 def render(eval_dir: Path) -> str:
     """The markdown block for one evaluation folder."""
     paths = {name: eval_dir / f"{name}.json" for name in ("headline", "metrics", "outcomes")}
@@ -52,12 +72,14 @@ def render(eval_dir: Path) -> str:
         p = "–" if row["pvalue"] is None else f"{row['pvalue']:.3g}"
         lines.append(f"| {row['label']} | {_cell(row, 'model')} | {_cell(row, 'baseline')} | {_diff(row)} | {p} | "
                      f"{row['n']} | {row['attack'] or ''} |")
+    lines += _effort_lines(context) + _timing_lines(metrics)
     trained = sorted(k.split("/")[1] for k in metrics if k.startswith("asr/trained_")
                      and k.endswith(f"/{context.get('judge', 'semantic')}"))
     lines += ["", f"Judge: `{context.get('judge')}` (all judges run: {', '.join(context.get('judges', []))}); "
                   f"held-out spans: `{context.get('span_source')}`; held-out grid: {context.get('heldout_grid')}; "
                   f"{context.get('n_harmful')} harmful and {context.get('n_benign')} benign prompts "
-                  f"({context.get('n_borderline')} borderline), stratified by category.",
+                  f"({context.get('n_borderline')} borderline), stratified by category; attack profile "
+                  f"`{context.get('profile')}`.",
               f"Trained perturbations (not in the table): "
               f"{(context.get('trained_grid') or 'not run').removeprefix('trained: ')}."]
     if trained:

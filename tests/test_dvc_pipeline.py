@@ -22,9 +22,9 @@ def _sh(*cmd, cwd, check=True):
     return done
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("project")
+def dvc_project(root: Path) -> Path:
+    """A throwaway git repo at `root` holding the pipeline's tracked files, with the sample data pulled from
+    the DVC remote shipped in the repo."""
     for rel in TRACKED:
         src, dst = REPO / rel, root / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +35,11 @@ def project(tmp_path_factory):
     _sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init", cwd=root)
     _sh("dvc", "pull", "-q", "data.dvc", cwd=root)
     return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return dvc_project(tmp_path_factory.mktemp("project"))
 
 
 # `dvc repro pairs` runs the data stages; align and train need minutes of CPU and have their own tests.

@@ -113,6 +113,7 @@ def test_training_on_project_rows_alone_is_reproducible(tmp_path, capsys):
     assert "project rows only" in capsys.readouterr().out
     assert first["held_out"] == {} and first["provenance"]["pyrit"] is None
     assert np.allclose(first["weights"], again["weights"], atol=1e-6) and first["bias"] == again["bias"]
+    assert first["cv_log_loss"] == again["cv_log_loss"] > 0  # the score C is chosen by
     assert json.loads((tmp_path / "a.json").read_text()) == first  # written whole, as returned
     assert first["provenance"]["project"]["rows"] == 24
 

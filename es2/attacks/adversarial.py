@@ -20,10 +20,11 @@ unlikely refusal), unlike a raw log P_R, which would pull without end. It is com
 -log1mexp(logsumexp_r log p_r), with log P_R clamped to <= -1e-6 in value (its gradient passes through):
 stable for P_R near 0 and near 1.
 
-Both terms come from one forward: a prompt takes one row per opening (the opening after the target,
-right-padded; the target positions are the same in all of a prompt's rows, and its CE is read from the first),
-so "anti_recovery" runs len(openings) times the rows of "target" (with the 5 default openings, measured on
-the tiny test model: 3x the time per soft-prompt step, 5x per GCG step).
+Both terms share one pass over each prompt's prefix (prompt + adversarial + target; `forward_terms`): it
+gives the target CE and, from its last position, the log-prob of each opening's first token; its KV cache,
+kept in the autograd graph, is expanded to one row per opening and the openings' later tokens are scored in
+a short continuation pass over it, so the gradient of the refusal term reaches the adversarial input through
+the cached keys and values. The prefix is computed once per prompt whatever the number of openings.
 """
 
 from __future__ import annotations
@@ -143,66 +144,56 @@ def refusal_ids(tokenizer, target: str, openings: Sequence[str]) -> list[list[in
 
 @dataclass
 class Layout:
-    """Rows [prefix left-padded to a common end | continuation right-padded]; prefix = before + adversarial
-    placeholders + after + target. Each prompt ("owner") has one row per continuation ("slot")."""
-    ids: torch.Tensor  # [rows, width]
-    mask: torch.Tensor  # [rows, width], 1 on real tokens
-    adv: torch.Tensor  # [rows, width] bool, the adversarial positions (placeholders in ids)
-    target_scored: torch.Tensor  # [rows, scored] bool, over the last `scored` columns
-    cont_scored: torch.Tensor  # [rows, scored] bool
-    owner: torch.Tensor  # [rows]
+    """One prefix row per prompt ("owner"): before + adversarial placeholders + after + target, left-padded to a
+    common end; and one continuation row per (owner, opening) ("slot"): the opening's ids, right-padded."""
+    ids: torch.Tensor  # [owners, width]
+    mask: torch.Tensor  # [owners, width], 1 on real tokens
+    adv: torch.Tensor  # [owners, width] bool, the adversarial positions (placeholders in ids)
+    target_scored: torch.Tensor  # [owners, n_target] bool, over the last n_target columns
+    cont: torch.Tensor  # [rows, n_cont], the openings (pad ids after their end)
+    cont_scored: torch.Tensor  # [rows, n_cont] bool, 1 on the openings' real tokens
+    owner: torch.Tensor  # [rows], each continuation row's prefix row
     slot: torch.Tensor  # [rows]
-    first: torch.Tensor  # [owners], each owner's first row
     slots: int
-
-    @property
-    def scored(self) -> int:
-        return self.target_scored.shape[1]
 
     @property
     def positions(self) -> torch.Tensor:
         return (self.mask.cumsum(-1) - 1).clamp(min=0)
 
     def tile(self, k: int) -> Layout:
-        """k copies of a one-owner layout, copy c owned by c (GCG's candidates of one prompt)."""
-        rows = self.ids.shape[0]
+        """k copies of the layout, copy c's prefix rows after copy c-1's (GCG's candidates of one prompt)."""
         rep = lambda t: t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
-        owner = torch.arange(k, device=self.ids.device).repeat_interleave(rows)
-        first = torch.arange(k, device=self.ids.device) * rows
-        return Layout(rep(self.ids), rep(self.mask), rep(self.adv), rep(self.target_scored),
-                      rep(self.cont_scored), owner, rep(self.slot), first, self.slots)
+        shift = torch.arange(k, device=self.owner.device).repeat_interleave(self.owner.shape[0])
+        return Layout(rep(self.ids), rep(self.mask), rep(self.adv), rep(self.target_scored), rep(self.cont),
+                      rep(self.cont_scored), rep(self.owner) + shift * self.ids.shape[0], rep(self.slot),
+                      self.slots)
 
 
 def build_layout(pieces, n_adv: int, pad_id: int, device) -> Layout:
     """The layout of `pieces`, per prompt (before ids, after ids, target ids, continuations: a list of id
     lists, [[]] for none), with `n_adv` placeholder positions for the adversarial insertion."""
-    prefix = max(len(b) + n_adv + len(a) + len(t) for b, a, t, _ in pieces)
-    n_target = max(len(t) for _, _, t, _ in pieces)
-    n_cont = max(len(c) for *_, conts in pieces for c in conts)
-    rows = sum(len(conts) for *_, conts in pieces)
-    ids = torch.full((rows, prefix + n_cont), pad_id, dtype=torch.long)
+    seqs = [before + [pad_id] * n_adv + after + target for before, after, target, _ in pieces]
+    width, n_target = max(map(len, seqs)), max(len(t) for _, _, t, _ in pieces)
+    ids = torch.full((len(pieces), width), pad_id, dtype=torch.long)
     mask, adv = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
-    target_scored = torch.zeros((rows, n_target + n_cont), dtype=torch.bool)
-    cont_scored = torch.zeros_like(target_scored)
-    owner, slot, first = [], [], []
-    row = 0
-    for i, (before, after, target, conts) in enumerate(pieces):
-        first.append(row)
-        seq = before + [pad_id] * n_adv + after + target
-        offset = prefix - len(seq)
-        for j, cont in enumerate(conts):
-            ids[row, offset:prefix + len(cont)] = torch.tensor(seq + cont, dtype=torch.long)
-            mask[row, offset:prefix + len(cont)] = 1
-            adv[row, offset + len(before):offset + len(before) + n_adv] = True
-            target_scored[row, n_target - len(target):n_target] = True
-            cont_scored[row, n_target:n_target + len(cont)] = True
-            owner.append(i)
-            slot.append(j)
-            row += 1
+    target_scored = torch.zeros((len(pieces), n_target), dtype=torch.bool)
+    conts = [(i, j, c) for i, (*_, cs) in enumerate(pieces) for j, c in enumerate(cs) if c]
+    n_cont = max((len(c) for *_, c in conts), default=0)
+    cont = torch.full((len(conts), n_cont), pad_id, dtype=torch.long)
+    cont_scored = torch.zeros_like(cont, dtype=torch.bool)
+    for i, (seq, (before, _, target, _)) in enumerate(zip(seqs, pieces)):
+        offset = width - len(seq)
+        ids[i, offset:] = torch.tensor(seq, dtype=torch.long)
+        mask[i, offset:] = 1
+        adv[i, offset + len(before):offset + len(before) + n_adv] = True
+        target_scored[i, n_target - len(target):] = True
+    for row, (_, _, c) in enumerate(conts):
+        cont[row, :len(c)] = torch.tensor(c, dtype=torch.long)
+        cont_scored[row, :len(c)] = True
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return Layout(ids.to(device), mask.to(device), adv.to(device), target_scored.to(device),
-                  cont_scored.to(device), as_long(owner), as_long(slot), as_long(first),
-                  max(len(conts) for *_, conts in pieces))
+    return Layout(ids.to(device), mask.to(device), adv.to(device), target_scored.to(device), cont.to(device),
+                  cont_scored.to(device), as_long([i for i, _, _ in conts]), as_long([j for _, j, _ in conts]),
+                  max(len(cs) for *_, cs in pieces))
 
 
 @dataclass
@@ -225,36 +216,61 @@ class Terms:
 
 
 def forward_terms(model, layout: Layout, embeds: torch.Tensor, recovery_weight: float | None) -> Terms:
-    """One forward of `embeds` [rows, width, D] laid out as `layout`; recovery_weight None: the "target"
+    """The terms of `embeds` [owners, width, D] laid out as `layout`; recovery_weight None: the "target"
     objective (P_R still reported when the layout has continuations)."""
     from es2.generation import _accepts
 
-    keep = layout.scored + 1
+    has_cont = layout.cont.shape[0] > 0
+    keep = layout.target_scored.shape[1] + 1  # the target's predictions and the opening's first token's
     kwargs = {"logits_to_keep": keep} if _accepts(model, "logits_to_keep") else {}
-    logits = model(inputs_embeds=embeds, attention_mask=layout.mask, position_ids=layout.positions,
-                   use_cache=False, **kwargs).logits[:, -keep:-1]
-    labels = layout.ids[:, -layout.scored:]
-    # Only the scored positions go through the float32 log-softmax over the vocabulary: each prompt's target
-    # once (its first row), each opening once, and no padding position (whose logits may be NaN).
-    targets = layout.target_scored & (layout.slot == 0).unsqueeze(-1)
-    scored = targets | layout.cont_scored
+    out = model(inputs_embeds=embeds, attention_mask=layout.mask, position_ids=layout.positions,
+                use_cache=has_cont, **kwargs)
+    logits = out.logits[:, -keep:]
+    # Only the scored positions go through the float32 log-softmax over the vocabulary (no padding position,
+    # whose logits may be NaN).
+    targets = layout.target_scored
+    token_lp, correct = _scored_logprobs(logits[:, :-1], layout.ids[:, 1 - keep:], targets)
+    ce = -(token_lp * targets).sum(-1) / targets.sum(-1)
+    hit = (correct | ~targets).all(-1)
+    if not has_cont:
+        return Terms(ce, ce, hit, None)
+    cont_lp = logits[:, -1].float().log_softmax(-1)[layout.owner, layout.cont[:, 0]]
+    if layout.cont.shape[1] > 1:
+        cont_lp = cont_lp + _continuation_logprob(model, layout, out.past_key_values)
+    dense = torch.full((layout.ids.shape[0], layout.slots), -math.inf, device=cont_lp.device)
+    log_p = dense.index_put((layout.owner, layout.slot), cont_lp).logsumexp(-1)
+    if recovery_weight is None:
+        return Terms(ce, ce, hit, log_p)
+    return Terms(ce - recovery_weight * log1mexp(log_p), ce, hit, log_p)
+
+
+def _continuation_logprob(model, layout: Layout, cache) -> torch.Tensor:
+    """Per continuation row, the log-prob of its opening's tokens after the first, teacher-forced on the
+    prefix cache `cache` (consumed: expanded in place to one row per opening; an index select, so the
+    gradient flows back to every owner's prefix through it). The mask repeats the owner's left padding and
+    the positions continue after its last real token, so each row scores as a full forward of prefix +
+    opening would."""
+    cache.batch_select_indices(layout.owner)
+    inputs, scored = layout.cont[:, :-1], layout.cont_scored[:, 1:]
+    mask = torch.cat([layout.mask[layout.owner], layout.cont_scored[:, :-1].long()], dim=1)
+    steps = torch.arange(inputs.shape[1], device=inputs.device)
+    positions = layout.mask.sum(-1)[layout.owner].unsqueeze(-1) + steps
+    logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True).logits
+    token_lp, _ = _scored_logprobs(logits, layout.cont[:, 1:], scored)
+    return (token_lp * scored).sum(-1)
+
+
+def _scored_logprobs(logits: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor):
+    """(log p(label), argmax == label) at the `scored` positions of `logits` [rows, n, V] (0 and True
+    elsewhere), through a float32 log-softmax over those positions only."""
     where = scored.nonzero(as_tuple=True)
     picked = logits[where].float()
     token_lp = torch.zeros(labels.shape, device=picked.device).index_put(
         where, picked.log_softmax(-1).gather(-1, labels[where].unsqueeze(-1)).squeeze(-1))
     correct = torch.ones(labels.shape, dtype=torch.bool, device=picked.device).index_put(
         where, picked.argmax(-1) == labels[where])
-    first = layout.first
-    ce = -(token_lp * targets).sum(-1)[first] / targets.sum(-1)[first]
-    hit = (correct | ~targets).all(-1)[first]
-    if not bool(layout.cont_scored.any()):
-        return Terms(ce, ce, hit, None)
-    cont_lp = (token_lp * layout.cont_scored).sum(-1)
-    dense = torch.full((first.shape[0], layout.slots), -math.inf, device=cont_lp.device)
-    log_p = dense.index_put((layout.owner, layout.slot), cont_lp).logsumexp(-1)
-    if recovery_weight is None:
-        return Terms(ce, ce, hit, log_p)
-    return Terms(ce - recovery_weight * log1mexp(log_p), ce, hit, log_p)
+    return token_lp, correct
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ re-tokenize to themselves, drawn from a generator seeded by (seed, prompt). Each
 objective w.r.t. the one-hot suffix; per position the `topk` most negative-gradient tokens (special and,
 unless `allow_non_ascii`, non-ASCII or unprintable tokens excluded); `search_width` candidates, each one
 random single-token swap; candidates whose decoded text does not re-tokenize to the same ids are dropped; the
-rest are scored with the same objective in batched forwards of `batch_size` candidates (times the refusal
-openings under "anti_recovery"), and the best becomes the current suffix (even if worse: GCG's rule). The
+rest are scored with the same objective in batched forwards of `batch_size` candidates (under
+"anti_recovery", each candidate's refusal openings are scored on its prefix cache), and the best becomes the current suffix (even if worse: GCG's rule). The
 lowest-objective suffix of a start is its best. The prompts advance together, one step of each in turn, so
 that a judge sees all the prompts of a checkpoint in one batch.
 
@@ -194,7 +194,7 @@ class _Search:
                 chunk = candidates[first:first + self.batch_size]
                 layout = self.layout.tile(chunk.shape[0])
                 ids = layout.ids.clone()
-                ids[layout.adv] = chunk.repeat_interleave(self.layout.ids.shape[0], 0).flatten()
+                ids[layout.adv] = chunk.flatten()
                 terms = forward_terms(self.model, layout, self.emb_layer(ids), self.weight)
                 out.append((terms.loss, terms.target_loss, terms.success))
         return tuple(torch.cat(parts) for parts in zip(*out))
@@ -205,7 +205,7 @@ class _Search:
         onehot.requires_grad_(True)
         base = self.emb_layer(self.layout.ids)
         inputs = base.masked_scatter(self.layout.adv.unsqueeze(-1).expand_as(base),
-                                     (onehot @ weight).expand(base.shape[0], -1, -1))
+                                     (onehot @ weight).unsqueeze(0))
         terms = forward_terms(self.model, self.layout, inputs, self.weight)
         (grad,) = torch.autograd.grad(terms.loss.sum(), onehot)
         return grad.float()
@@ -223,7 +223,7 @@ class _Search:
         layout = build_layout([(before, after, target, refusals)], self.n, self.tokenizer.pad_token_id,
                               self.device)
         ids = layout.ids.clone()
-        ids[layout.adv] = torch.tensor(suffix, device=self.device).repeat(layout.ids.shape[0])
+        ids[layout.adv] = torch.tensor(suffix, device=self.device)
         with torch.no_grad():
             terms = forward_terms(self.model, layout, self.emb_layer(ids), self.weight)
         return {"target_loss": float(terms.target_loss[0]), "loss": float(terms.loss[0]),

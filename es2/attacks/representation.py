@@ -83,7 +83,13 @@ def fit_probes(harmful_states: dict[int, torch.Tensor], harmless_states: dict[in
     """Per-layer L2-regularised logistic regression, label harmful = 1 (sklearn lbfgs: deterministic).
 
     The same stratified random split (fraction `holdout` of each class held out, at least one) is used at
-    every layer. Features are standardised for the fit and the probe is mapped back to raw states exactly.
+    every layer. Features are centred and divided by ONE scale for the fit, the root-mean-square coordinate
+    (median state norm / sqrt(D), so C regularises as it would on standardised features), and the probe is
+    mapped back to raw states exactly. One scale, not a per-dimension standardisation, keeps the
+    model's geometry: SCAV moves a state along w by the minimal L2 step, and a probe fitted on standardised
+    features puts its weight on low-variance dimensions, where a tiny step flips the probe without touching
+    what the model reads (measured: on the warm-started default model such a SCAV shifted 3% of the state
+    norm and answered nothing). SCAV's own probes are trained on raw states.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -96,17 +102,17 @@ def fit_probes(harmful_states: dict[int, torch.Tensor], harmless_states: dict[in
         h, s = harmful_states[layer].double().cpu(), harmless_states[layer].double().cpu()
         x = torch.cat([h[train_h], s[train_s]])
         y = torch.cat([torch.ones(len(train_h)), torch.zeros(len(train_s))])
-        mu, sd = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
-        clf = LogisticRegression(C=C, max_iter=2000).fit(((x - mu) / sd).numpy(), y.numpy())
-        w_std = torch.from_numpy(clf.coef_[0]).double()
-        w, b = w_std / sd, float(clf.intercept_[0] - (w_std * mu / sd).sum())
+        scale = float(torch.cat([h, s]).norm(dim=-1).median())
+        mu, unit = x.mean(0), scale / x.shape[1] ** 0.5
+        clf = LogisticRegression(C=C, max_iter=2000).fit(((x - mu) / unit).numpy(), y.numpy())
+        w_scaled = torch.from_numpy(clf.coef_[0]).double()
+        w, b = w_scaled / unit, float(clf.intercept_[0] - (w_scaled * mu / unit).sum())
         if len(test_h) + len(test_s):
             xt = torch.cat([h[test_h], s[test_s]])
             yt = torch.cat([torch.ones(len(test_h)), torch.zeros(len(test_s))])
         else:
             xt, yt = x, y
         accuracy = float(((xt @ w + b > 0).double() == yt).double().mean())
-        scale = float(torch.cat([h, s]).norm(dim=-1).median())
         probes[layer] = Probe(w.float(), b, accuracy, scale)
     return probes
 

@@ -224,9 +224,9 @@ def _final_figures(run: _Run, order: list[int], pieces: list[tuple]) -> list[dic
 
 
 def _insert(base: torch.Tensor, layout, soft: torch.Tensor) -> torch.Tensor:
-    """The row embeddings `base` [rows, width, D] with each owner's soft vectors `soft` [owners, n, D] written
-    at the adversarial positions of its rows (differentiable in `soft`)."""
-    return base.masked_scatter(layout.adv.unsqueeze(-1).expand_as(base), soft[layout.owner].to(base.dtype))
+    """The prefix embeddings `base` [owners, width, D] with each owner's soft vectors `soft` [owners, n, D]
+    written at its adversarial positions (differentiable in `soft`)."""
+    return base.masked_scatter(layout.adv.unsqueeze(-1).expand_as(base), soft.to(base.dtype))
 
 
 def nearest_token_distance(vectors: torch.Tensor, weight: torch.Tensor, chunk: int = 8192) -> torch.Tensor:

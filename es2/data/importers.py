@@ -3,6 +3,8 @@
 `es2 data import FORMAT INPUT --label LABEL --output OUT.jsonl` is `import_records` then `write_records`.
 A format is a file kind (CSV or JSON) plus a default map from record field to input column. `columns`
 overrides that map, so an unusual export of a known benchmark, or any other table, imports without code.
+Each benchmark format also has signature columns: a file without them, or one whose columns are another
+benchmark's, is refused with the format it really is.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import io
 import json
 from pathlib import Path
 
-from es2.data.schema import LABELS, read_bytes_as_utf8
+from es2.data.prompt_checks import control_character, special_token
+from es2.data.schema import LABELS, json_error, read_text
 from es2.errors import DataError
 from es2.io import write_jsonl
 
@@ -48,14 +51,31 @@ _SPECS = {
     "csv": ("csv", _GENERIC, None),
 }
 FORMATS = tuple(_SPECS)
+_GENERIC_FORMATS = ("jsonl", "csv")
+
+# The columns that identify each format's files (case is ignored). Benchmarks share column names: AdvBench's
+# goal and target are also JailbreakBench's, and JailbreakBench's Behavior (a short label such as "Fake
+# charity") is HarmBench's prompt column. Without this check a JailbreakBench file "imports" as HarmBench
+# with labels for prompts. The generic formats take any table, so theirs is only used to name them.
+_SIGNATURES = {
+    "advbench": ("goal", "target"),
+    "harmbench": ("Behavior", "SemanticCategory"),
+    "jailbreakbench": ("Goal", "Target", "Behavior", "Category"),
+    "xstest": ("prompt", "type", "label"),
+    "alpaca": ("instruction",),
+    "jsonl": ("prompt",),
+    "csv": ("prompt",),
+}
 
 
 def import_records(fmt: str, path, label: str | None, columns: dict[str, str] | None = None,
-                   source: str | None = None) -> list[dict]:
+                   source: str | None = None, special_tokens: tuple[str, ...] = ()) -> list[dict]:
     """Read `path` as `fmt` and return normalised records; any problem raises DataError naming the fix.
 
     `label` applies to every row and is required unless the file has a label column. `columns` maps
     field -> input column and overrides the format's defaults. `source` defaults to the format name.
+    A prompt may hold no control character and none of `special_tokens` (the target model's, from
+    es2.data.prompt_checks.special_token_strings).
     """
     if fmt not in _SPECS:
         raise DataError(f"unknown import format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
@@ -74,7 +94,9 @@ def import_records(fmt: str, path, label: str | None, columns: dict[str, str] | 
     if not rows:
         raise DataError(f"{path}: no data rows (only a header or an empty list)",
                         "point at the file that holds the records")
-    mapping = _resolve_columns(path, found, {**defaults, **columns}, explicit=set(columns))
+    detected = _detect(found, kind)
+    _check_format(path, fmt, found, detected, overridden={defaults[f] for f in columns if f in defaults})
+    mapping = _resolve_columns(path, found, {**defaults, **columns}, explicit=set(columns), detected=detected)
 
     # One source of labels only: silently letting --label override a file's own labels (or the reverse)
     # would mislabel rows, e.g. all 450 XSTest prompts as one class.
@@ -93,6 +115,10 @@ def import_records(fmt: str, path, label: str | None, columns: dict[str, str] | 
         if not cell["prompt"]:
             raise DataError(f"{path}: {where} has an empty prompt (column {mapping['prompt']!r})",
                             "fill in or delete that row")
+        for field in ("context", "prompt", "input"):
+            if cell.get(field):
+                row_name = f"{where} (id {cell['id']})" if cell.get("id") else where
+                _check_prompt_text(path, row_name, mapping[field], cell[field], special_tokens)
         parts = (cell.get("context"), cell["prompt"], cell.get("input"))
         record = {
             "id": _record_id(source, cell.get("id"), index),
@@ -107,6 +133,15 @@ def import_records(fmt: str, path, label: str | None, columns: dict[str, str] | 
             record["category"] = XSTEST_CATEGORY[record["label"]]
         records.append(record)
     return records
+
+
+def detect_format(path) -> str:
+    """The format whose signature columns the file's header (CSV) or keys (.json, .jsonl) match; a benchmark
+    format when one fits, else the generic csv or jsonl."""
+    path = Path(path)
+    kind = "json" if path.suffix.lower() in (".json", ".jsonl") else "csv"
+    found, _ = _read_csv(path) if kind == "csv" else _read_json(path)
+    return _detect(found, kind) or ("jsonl" if kind == "json" else "csv")
 
 
 def parse_column_mapping(spec: str) -> dict[str, str]:
@@ -131,26 +166,30 @@ def write_records(records: list[dict], output) -> int:
 def _read_text(path: Path) -> str:
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not a file", "point at the data file inside it")
-    text = read_bytes_as_utf8(path).removeprefix("\ufeff")  # Excel and some exporters prepend a BOM
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"{path}: file is empty", "point at the file that holds the records")
     return text
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
-    """Return the header and (place, row) pairs; a place such as "row 3 (line 4)" locates errors."""
+    """Return the header and (place, row) pairs; a place such as "row 3 (line 4)" locates errors, and a quoted
+    value spanning lines gives its row's first and last line, "row 3 (lines 4-6)"."""
     reader = csv.reader(io.StringIO(_read_text(path), newline=""))
     rows = []
     try:
         header = [name.strip() for name in next(reader)]
+        first = reader.line_num + 1  # the line the next row starts on
         for fields in reader:
+            lines = f"line {first}" if first == reader.line_num else f"lines {first}-{reader.line_num}"
+            first = reader.line_num + 1
             if not any(field.strip() for field in fields):
                 continue
             # More values than headers usually means an unquoted comma split a prompt in two.
             if any(field.strip() for field in fields[len(header):]):
                 raise DataError(f"{path}: line {reader.line_num} has {len(fields)} values but the header "
                                 f"has {len(header)} columns", "quote values that contain commas")
-            rows.append((f"row {len(rows) + 1} (line {reader.line_num})", dict(zip(header, fields))))
+            rows.append((f"row {len(rows) + 1} ({lines})", dict(zip(header, fields))))
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({exc})",
                         "save the file as standard comma-separated CSV") from exc
@@ -166,7 +205,7 @@ def _read_json(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
         places = [f"record {n}" for n in range(1, len(items) + 1)]
     except json.JSONDecodeError as exc:
         if text.lstrip().startswith("["):
-            raise DataError(f"{path}: line {exc.lineno} is not valid JSON ({exc.msg})",
+            raise DataError(f"{path}: line {exc.lineno} is not valid JSON ({json_error(exc)})",
                             "fix the JSON array, or write one object per line (JSONL)") from exc
         items, places = [], []
         # Split on "\n" only: str.splitlines would also split inside strings holding U+2028 and similar.
@@ -176,7 +215,7 @@ def _read_json(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as line_exc:
-                raise DataError(f"{path}: line {lineno} is not valid JSON ({line_exc.msg})",
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({json_error(line_exc)})",
                                 "write one JSON object per line, or a single JSON array") from line_exc
             places.append(f"line {lineno}")
     for place, item in zip(places, items):
@@ -187,20 +226,83 @@ def _read_json(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
     return found, list(zip(places, items))
 
 
-def _resolve_columns(path: Path, found: list[str], wanted: dict[str, str], explicit: set[str]) -> dict:
+def _detect(found: list[str], kind: str) -> str | None:
+    """The format of this kind whose signature columns are all present, the most specific when several are
+    (a JailbreakBench file has AdvBench's columns too); None when none is."""
+    matches = [fmt for fmt, signature in _SIGNATURES.items()
+               if _SPECS[fmt][0] == kind and all(_column(found, c) for c in signature)]
+    return max(matches, key=lambda fmt: len(_SIGNATURES[fmt]), default=None)
+
+
+def _check_format(path: Path, fmt: str, found: list[str], detected: str | None, overridden: set[str]) -> None:
+    """Refuse a file that lacks the signature columns of `fmt` or that is a more specific benchmark's file.
+
+    A signature column the user re-pointed with --columns is not required: that is how an unusual export of
+    the benchmark imports. The generic formats accept any table.
+    """
+    if fmt in _GENERIC_FORMATS:
+        return
+    overridden = {column.casefold() for column in overridden}
+    missing = [c for c in _SIGNATURES[fmt] if c.casefold() not in overridden and not _column(found, c)]
+    if missing:
+        names = ", ".join(map(repr, missing)) + (" columns" if len(missing) > 1 else " column")
+        problem = (f"{path}: not in the {fmt} format: it has no {names}, which every {fmt} file has; "
+                   f"columns found: {found}")
+        if detected:
+            problem += f"; it matches the {detected} format"
+        # Another benchmark's column that the wrong importer would take the prompts from makes the danger
+        # concrete.
+        prompt = _column(found, _SPECS[fmt][1]["prompt"])
+        if detected not in (None, *_GENERIC_FORMATS) and prompt:
+            problem += f", and imported as {fmt} its {prompt!r} column would become the prompts"
+    elif detected not in (None, fmt) and len(_SIGNATURES[detected]) > len(_SIGNATURES[fmt]):
+        problem = (f"{path}: in the {detected} format, not {fmt}: it has all of {detected}'s columns "
+                   f"{list(_SIGNATURES[detected])}")
+    else:
+        return
+    if detected and detected not in _GENERIC_FORMATS:
+        raise DataError(problem, f"import it with its own format: es2 data import {detected} {path} ...")
+    # Re-pointing columns is offered only when no other benchmark matches: mapping a JailbreakBench file's
+    # columns onto HarmBench's would import it wrong again.
+    generic = "csv" if _SPECS[fmt][0] == "csv" else "jsonl"
+    raise DataError(problem, f"if the file is an export of {fmt} with other column names, map them with "
+                             f"--columns FIELD=COL; any other table imports with es2 data import {generic} {path} ...")
+
+
+def _column(found: list[str], column: str) -> str | None:
+    """The file's name for `column`: exact first, then ignoring case, as exports differ ("goal" vs "Goal")."""
+    return next((c for c in found if c == column), None) or next(
+        (c for c in found if c.casefold() == column.casefold()), None)
+
+
+def _resolve_columns(path: Path, found: list[str], wanted: dict[str, str], explicit: set[str],
+                     detected: str | None) -> dict:
     """Map each field to a column the file really has. Default columns that are absent are optional,
     except the prompt; a column the user named must exist."""
     mapping = {}
     for field, column in wanted.items():
-        # Exact name first, then ignoring case: exports differ (AdvBench "goal" vs "Goal").
-        match = next((c for c in found if c == column), None) or next(
-            (c for c in found if c.casefold() == column.casefold()), None)
+        match = _column(found, column)
         if match is not None:
             mapping[field] = match
         elif field == "prompt" or field in explicit:
-            raise DataError(f"{path}: no column {column!r} for the {field}; columns found: {found}",
-                            f"name the {field} column with --columns {field}=COL")
+            fix = f"name the {field} column with --columns {field}=COL"
+            if field == "prompt" and detected:
+                fix = (f"the file matches the {detected} format: import it with es2 data import {detected}; "
+                       f"or {fix}")
+            raise DataError(f"{path}: no column {column!r} for the {field}; columns found: {found}", fix)
     return mapping
+
+
+def _check_prompt_text(path: Path, where: str, column: str, text: str, special_tokens: tuple[str, ...]) -> None:
+    control = control_character(text)
+    if control:
+        raise DataError(f"{path}: {where} column {column!r} holds control character {control}",
+                        "delete it: prompts hold text only (tab, newline and carriage return are allowed)")
+    token = special_token(text, special_tokens)
+    if token:
+        raise DataError(f"{path}: {where} column {column!r} holds the model's special token {token!r}",
+                        "remove it: inside a prompt it would be encoded as the real chat-template token, "
+                        "injecting a role marker into the training data")
 
 
 def _text(path: Path, where: str, row: dict, column: str) -> str:

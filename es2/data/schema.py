@@ -5,6 +5,7 @@ Every data file the pipeline reads is JSONL with one record per line:
   optional: category (str; "borderline" marks a benign prompt that sounds dangerous but is safe),
             subcategory (str, e.g. XSTest's type), target (affirmative prefix, e.g. "Sure, here is"),
             response (str)
+Files are UTF-8; a byte-order mark and CRLF line endings (what Windows editors write) are accepted.
 """
 
 from __future__ import annotations
@@ -36,9 +37,23 @@ def read_bytes_as_utf8(path: str | Path) -> str:
         ) from exc
 
 
+def read_text(path: str | Path) -> str:
+    """The file's text as UTF-8 with Windows conventions undone: a leading byte-order mark is dropped and CRLF
+    line endings become LF, so a file saved by Notepad or Excel reads exactly like the same file saved on Linux."""
+    return read_bytes_as_utf8(path).removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def json_error(exc: json.JSONDecodeError) -> str:
+    """What is wrong with a JSON line, naming the character when it is a raw control character (JSON requires
+    those escaped, and json's own message does not say which one it is)."""
+    if exc.msg.startswith("Invalid control character"):
+        return f"raw control character U+{ord(exc.doc[exc.pos]):04X} inside a string at column {exc.colno}"
+    return f"{exc.msg} at column {exc.colno}"
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSONL file of objects. Blank lines are skipped; anything else malformed fails with its line."""
-    text = read_bytes_as_utf8(path)
+    text = read_text(path)
     rows = []
     # split on "\n" only: str.splitlines() would also break inside records at U+2028, which JSON allows raw
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -47,7 +62,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})", "one JSON object per line") from exc
+            raise DataError(f"{path}:{lineno}: not valid JSON ({json_error(exc)})",
+                            "one JSON object per line") from exc
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}",
                             "one JSON object per line")

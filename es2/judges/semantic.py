@@ -24,7 +24,7 @@ whole-text vector.
 
 The head is a logistic regression on standardised features (`fit_head`): the scalars are then scaled up by a
 factor, i.e. penalised less than the 1,536 embedding dimensions, since each one carries a whole signal; C and
-that factor are chosen by cross-validation on the training rows only. Every (source, label) cell of the
+that factor are chosen by cross-validated log-loss on the training rows only. Every (source, label) cell of the
 training rows weighs the same, so the project's many written rows do not drown PyRIT's 200 real ones and
 neither label dominates.
 It ships as JSON (`es2/resources/judge/head.json`: weights with the standardisation folded in, feature
@@ -142,10 +142,14 @@ def fit_head(x: np.ndarray, y: np.ndarray, strata: list[str], seed: int = 0) -> 
     """A logistic head on features `x` (last N_SCALARS columns: the scalars) and refusal labels `y`.
 
     scikit-learn, training only. Rows are weighted by `cell_weights(strata)`; C and the scalars' factor are
-    chosen by 5-fold cross-validation stratified by `strata`, scored by weighted accuracy (each stratum alike),
-    then the head is refit on every row. Returns JSON-ready weights with the standardisation and factor
-    folded in (w * factor / scale, bias - sum(w * mean)), the chosen C and factor, and the cross-validated
-    and training accuracy. The same rows and seed give the same weights (lbfgs is deterministic).
+    chosen by 5-fold cross-validation stratified by `strata`, scored by weighted log-loss (each stratum alike),
+    then the head is refit on every row. Log-loss, not accuracy: when the short-answer rows were added,
+    cross-validated accuracy was flat across C (within 0.002 from C = 0.003 to 0.1), so picking by it picked by
+    a row or two of noise: the least regularised head, which did worse on PyRIT's held-out split (0.890 against
+    0.926). Log-loss also counts how confident each verdict is, and had a clear minimum. Returns JSON-ready weights with the standardisation
+    and factor folded in (w * factor / scale, bias - sum(w * mean)), the chosen C and factor, the
+    cross-validated log-loss and accuracy, and the training accuracy. The same rows and seed give the same
+    weights (lbfgs is deterministic).
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
@@ -165,10 +169,20 @@ def fit_head(x: np.ndarray, y: np.ndarray, strata: list[str], seed: int = 0) -> 
     def accuracy(weights, bias, rows):
         return float(np.average(((x[rows] @ weights + bias) >= 0) == y[rows], weights=weight[rows]))
 
+    def log_loss(weights, bias, rows):
+        z = x[rows] @ weights + bias  # -log sigmoid(+-z), written so that large |z| cannot overflow
+        losses = np.where(y[rows], np.logaddexp(0, -z), np.logaddexp(0, z))
+        return float(np.average(losses, weights=weight[rows]))
+
     folds = list(StratifiedKFold(5, shuffle=True, random_state=seed).split(x, strata))
-    scores = {(c, factor): np.mean([accuracy(*fit(train, c, factor), test) for train, test in folds])
-              for c in (0.001, 0.003, 0.01, 0.03, 0.1) for factor in (1.0, 3.0, 10.0)}
-    (c, factor), cv_accuracy = max(scores.items(), key=lambda item: item[1])  # first best: the smallest C
+    scores = {}
+    for c in (0.001, 0.003, 0.01, 0.03, 0.1):
+        for factor in (1.0, 3.0, 10.0):
+            fits = [(fit(train, c, factor), test) for train, test in folds]
+            scores[c, factor] = (np.mean([log_loss(*f, test) for f, test in fits]),
+                                 np.mean([accuracy(*f, test) for f, test in fits]))
+    (c, factor), (cv_log_loss, cv_accuracy) = min(scores.items(), key=lambda item: item[1][0])  # ties: smallest C
     weights, bias = fit(np.arange(len(y)), c, factor)
     return {"weights": weights.tolist(), "bias": bias, "threshold": 0.5, "C": c, "scalar_factor": factor,
-            "cv_accuracy": float(cv_accuracy), "train_accuracy": accuracy(weights, bias, np.arange(len(y)))}
+            "cv_log_loss": float(cv_log_loss), "cv_accuracy": float(cv_accuracy),
+            "train_accuracy": accuracy(weights, bias, np.arange(len(y)))}

@@ -56,20 +56,15 @@ def load_model(spec: str, params: Params):
 
 def read_prompts(path: str | Path, label: str) -> list[dict]:
     """Records with `label` from a normalised JSONL file or any importable format (sniffed from the header)."""
-    from es2.data.importers import import_records
+    from es2.data.importers import detect_format, import_records
     from es2.data.schema import read_records
 
     path = Path(path)
     if path.suffix == ".jsonl":
         rows = read_records(path)
-    elif path.suffix == ".csv":
-        header = path.read_text(encoding="utf-8", errors="replace").splitlines()[0].lower()
-        fmt = ("advbench" if "goal" in header and "target" in header and "behavior" not in header else
-               "jailbreakbench" if "goal" in header else "harmbench" if "behavior" in header else
-               "xstest" if "focus" in header else "csv")
+    elif path.suffix in (".csv", ".json"):
+        fmt = detect_format(path)
         rows = import_records(fmt, path, None if fmt == "xstest" else label)
-    elif path.suffix == ".json":
-        rows = import_records("alpaca", path, label)
     else:
         raise DataError(f"{path}: unknown file type", "use .jsonl (normalised), .csv or .json")
     return [r for r in rows if r["label"] == label]

@@ -8,7 +8,8 @@ allowed: jbb calls it compliance, qi and semantic a refusal (see each judge's mo
 Training data of the semantic head (recorded in head.json's provenance):
   - `es2/resources/judge/responses_train.jsonl`: labelled responses written for this project (refusals of many
     styles, partial refusals, compliance that mentions safety or legality, compliance that opens with an
-    apology, answers that start compliant and turn into a refusal);
+    apology, answers that start compliant and turn into a refusal, and short or truncated answers in the style
+    of the small models es2 attacks, compliant and refusing alike);
   - PyRIT's human-labelled scorer-evaluation sets (MIT, pyrit 1.1.0 `datasets/scorer_evals`), when a folder
     with `refusal_labeled_responses.csv` is given (`es2 judge train` looks in ../shared/datasets beside the
     checkout by default): a seeded split stratified by file and label keeps 40% of them out of training,
@@ -168,8 +169,9 @@ def train_head(out: str | Path, pyrit: str | Path | None, seed: int = 0, project
     x = features([r["prompt"] for r in train], [r["response"] for r in train], progress=True)
     strata = [f"{r['source']}:{r['refusal']}" for r in train]
     head = fit_head(x, np.array([r["refusal"] for r in train]), strata, seed)
-    print(f"cross-validated accuracy on the training rows {head['cv_accuracy']:.3f} (each source and label "
-          f"weighted alike; C = {head['C']:g}, scalar factor {head['scalar_factor']:g})")
+    print(f"cross-validated accuracy on the training rows {head['cv_accuracy']:.3f}, log-loss "
+          f"{head['cv_log_loss']:.3f} (each source and label weighted alike; C = {head['C']:g}, scalar factor "
+          f"{head['scalar_factor']:g})")
     held_out = {}
     if pyrit_test:
         prompts, responses = [r["prompt"] for r in pyrit_test], [r["response"] for r in pyrit_test]

@@ -13,9 +13,15 @@ def run_validate(params: Params, out_dir: str | Path = "artifacts/validation", h
     """Validate training files against each other and against the evaluation files (leakage).
 
     With --harmful/--harmless the user validates new files before adopting them; they are still checked for
-    leakage into the configured evaluation files when those exist.
+    leakage into the configured evaluation files when those exist. Prompts are also checked for the configured
+    model's special-token strings (its tokenizer is loaded for that).
     """
-    data = params.data
+    from es2.data.prompt_checks import special_token_strings
+    from es2.modeling import load_tokenizer
+
+    data, model = params.data, params.model
     eval_files = [Path(p) for p in (data.eval_harmful, data.eval_harmless) if Path(p).exists()]
+    # a prompt holding the model's own role markers would inject a turn into its training data
+    tokens = special_token_strings(load_tokenizer(model.name_or_path, model.revision, model.trust_remote_code))
     return validate_datasets(harmful or data.train_harmful, harmless or data.train_harmless, eval_files,
-                             params.validate_, Path(out_dir).resolve())
+                             params.validate_, Path(out_dir).resolve(), special_tokens=tokens)
