@@ -1,13 +1,18 @@
 """The optimisation attacks' budget (judged checkpoints, restarts, steps_to_break), the anti-recovery
-objective and the token-distance figure, on tiny random models."""
+objective (and its shared-prefix computation against a plain forward per opening) and the token-distance
+figure, on tiny random models."""
+
+import math
 
 import pytest
 import torch
 
-from es2.attacks.adversarial import filler_ids
-from es2.attacks.optimization import gcg, soft_prompt
+from es2.attacks.adversarial import (REFUSAL_OPENINGS, build_layout, filler_ids, forward_terms, log1mexp,
+                                     refusal_ids)
+from es2.attacks.gcg import _Search
+from es2.attacks.optimization import frozen_model, gcg, soft_prompt, split_chat
 from es2.attacks.search import banned_ids
-from es2.attacks.softprompt import nearest_token_distance
+from es2.attacks.softprompt import _insert, nearest_token_distance
 from es2.generation import chat_prompts
 from es2.modeling import load_causal_lm
 
@@ -163,6 +168,94 @@ def test_gcg_suffixes_and_inits_use_only_allowed_tokens(lm):
         assert len(info["inits"]) == len(info["losses"]) == 2
         assert not banned & set(info["suffix_ids"]) and not banned & {i for ids in info["inits"] for i in ids}
         assert all(len(losses) == 4 for losses in info["losses"])
+
+
+@pytest.mark.parametrize("single_token", [False, True])
+def test_shared_prefix_objective_and_gradient_equal_a_forward_per_opening(recovering_lm, single_token):
+    """The objective read from one prefix pass and a continuation pass on its expanded KV cache equals, in
+    value and in gradient w.r.t. the soft embeddings, a plain forward of each whole sequence: prompts of
+    different lengths (left padding), targets of different lengths, openings of different lengths and numbers
+    per prompt (single_token: one token each, so no continuation pass), on the model that refuses after the
+    target, so that P_R and its gradient are not negligible."""
+    model, tok = recovering_lm
+    emb = model.get_input_embeddings()
+    filler = filler_ids(tok, "!", 4)
+    sorry = tok(" I'm sorry", add_special_tokens=False)["input_ids"]  # the trained refusal
+    pieces = []
+    for i, (prompt, target) in enumerate(zip(PROMPTS, TARGETS)):
+        before, after = split_chat(tok, prompt)
+        others = [ids for ids in refusal_ids(tok, target, REFUSAL_OPENINGS) if ids != sorry]
+        conts = [sorry] + others[:i]
+        if single_token:
+            conts = [[t] for t in dict.fromkeys(c[k] for c in conts for k in (0, -1))]
+        pieces.append((before, after, tok(target, add_special_tokens=False)["input_ids"], conts))
+    noise = torch.randn((len(PROMPTS), 4, emb.weight.shape[1]), generator=torch.Generator().manual_seed(0))
+    free = (emb.weight[filler].detach() + 0.01 * noise).requires_grad_(True)
+    with frozen_model(model):
+        layout = build_layout(pieces, 4, tok.pad_token_id, "cpu")
+        terms = forward_terms(model, layout, _insert(emb(layout.ids), layout, free), 0.7)
+        prefixes = [torch.cat([emb(torch.tensor(b)), free[i], emb(torch.tensor(a + t))])
+                    for i, (b, a, t, _) in enumerate(pieces)]
+        reference = _per_opening_reference(model, prefixes, [(t, c) for *_, t, c in pieces], 0.7)
+    for value, expected in zip((terms.loss, terms.target_loss, terms.refusal_logprob), reference):
+        torch.testing.assert_close(value, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(terms.hit, reference[3])
+    assert float(reference[2].detach().min()) > -3  # a likely refusal: the anti-recovery term counts
+    for got, expected in ((terms.loss, reference[0]), (terms.refusal_logprob, reference[2])):
+        (grad,) = torch.autograd.grad(got.sum(), free, retain_graph=True)
+        (want,) = torch.autograd.grad(expected.sum(), free, retain_graph=True)
+        assert want.abs().max() > 1e-2  # the gradient reaches the soft embeddings
+        torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-4)
+
+
+def test_gcg_candidate_scores_equal_a_forward_per_opening(recovering_lm):
+    """GCG's scoring (candidates in chunks, each with its openings on its own prefix cache) equals a plain
+    forward of each whole candidate sequence."""
+    model, tok = recovering_lm
+    before, after = split_chat(tok, PROMPTS[0])
+    t_ids = tok(TARGETS[1], add_special_tokens=False)["input_ids"]
+    conts = refusal_ids(tok, TARGETS[1], REFUSAL_OPENINGS)
+    vocab = model.get_input_embeddings().num_embeddings
+    candidates = torch.tensor(filler_ids(tok, "!", 5)).repeat(7, 1)  # each with one random swap
+    swaps = torch.randint(4, vocab, (7,), generator=torch.Generator().manual_seed(1))
+    candidates[torch.arange(7), torch.arange(7) % 5] = swaps
+    with frozen_model(model):
+        search = _Search(model, tok, (before, after, t_ids, conts), 5, 0.7, 8, 8, 3,
+                         banned_ids(tok, vocab, False), torch.Generator())
+        loss, target_loss, success = search.score(candidates)  # chunks of 3, 3 and 1 candidates
+        emb = model.get_input_embeddings()
+        prefixes = [emb(torch.tensor(before + c + after + t_ids)) for c in candidates.tolist()]
+        ref_loss, ref_target, log_p, hit = _per_opening_reference(model, prefixes, [(t_ids, conts)] * 7, 0.7)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(target_loss, ref_target, atol=1e-5, rtol=1e-5)
+    assert torch.equal(success, hit & (log_p < -math.log(2)))
+    assert float((ref_loss - ref_target).abs().max()) > 1e-2  # the refusal term weighs in the scores
+
+
+def _per_opening_reference(model, prefixes, scored, weight):
+    """The anti-recovery objective computed directly, for prompts given as their prefix embeddings [L, D]
+    (ending with the target) and (target ids, openings): a plain forward (no cache) of each prefix and of
+    each prefix + opening, all left-padded into one batch; returns (loss, target CE, log P_R, target hit)."""
+    emb = model.get_input_embeddings()
+    rows = [(i, e, t) for i, (e, (t, _)) in enumerate(zip(prefixes, scored))]
+    rows += [(i, torch.cat([prefixes[i], emb(torch.tensor(c))]), c)
+             for i, (_, conts) in enumerate(scored) for c in conts]
+    width = max(e.shape[0] for _, e, _ in rows)
+    embeds = torch.stack([torch.cat([e.new_zeros(width - e.shape[0], e.shape[1]), e]) for _, e, _ in rows])
+    mask = torch.stack([torch.arange(width) >= width - e.shape[0] for _, e, _ in rows]).long()
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                   use_cache=False).logits.float()
+    token_lp, hits = [], []
+    for row, (_, _, labels) in enumerate(rows):
+        predicted, labels = logits[row, width - len(labels) - 1:-1], torch.tensor(labels)
+        token_lp.append(predicted.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1))
+        hits.append(bool((predicted.argmax(-1) == labels).all()))
+    n = len(prefixes)
+    ce = torch.stack([-lp.mean() for lp in token_lp[:n]])
+    per_opening = [(i, lp.sum()) for (i, _, _), lp in zip(rows[n:], token_lp[n:])]
+    log_p = torch.stack([torch.stack([lp for i, lp in per_opening if i == owner]).logsumexp(0)
+                         for owner in range(n)])
+    return ce - weight * log1mexp(log_p), ce, log_p, torch.tensor(hits[:n])
 
 
 def _run(attack, model, tok, steps, restarts, judge, checkpoints=None, seed=0, **kwargs):

@@ -24,7 +24,10 @@ Both terms share one pass over each prompt's prefix (prompt + adversarial + targ
 gives the target CE and, from its last position, the log-prob of each opening's first token; its KV cache,
 kept in the autograd graph, is expanded to one row per opening and the openings' later tokens are scored in
 a short continuation pass over it, so the gradient of the refusal term reaches the adversarial input through
-the cached keys and values. The prefix is computed once per prompt whatever the number of openings.
+the cached keys and values. The prefix is computed once per prompt whatever the number of openings
+(measured on the 135M default model, CPU, one thread, 5 openings: an "anti_recovery" step costs 1.6x a
+"target" step for the soft prompt with 8 prompts x 20 tokens and 1.3x for GCG with width 32, against 5.8x and
+5.4x with one full row per opening).
 """
 
 from __future__ import annotations
@@ -144,8 +147,9 @@ def refusal_ids(tokenizer, target: str, openings: Sequence[str]) -> list[list[in
 
 @dataclass
 class Layout:
-    """One prefix row per prompt ("owner"): before + adversarial placeholders + after + target, left-padded to a
-    common end; and one continuation row per (owner, opening) ("slot"): the opening's ids, right-padded."""
+    """One prefix row per prompt ("owner"): before + adversarial placeholders + after + target, left-padded
+    to a common end; and one continuation row per (owner, opening) ("slot"): the opening's ids,
+    right-padded."""
     ids: torch.Tensor  # [owners, width]
     mask: torch.Tensor  # [owners, width], 1 on real tokens
     adv: torch.Tensor  # [owners, width] bool, the adversarial positions (placeholders in ids)
@@ -192,8 +196,8 @@ def build_layout(pieces, n_adv: int, pad_id: int, device) -> Layout:
         cont_scored[row, :len(c)] = True
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
     return Layout(ids.to(device), mask.to(device), adv.to(device), target_scored.to(device), cont.to(device),
-                  cont_scored.to(device), as_long([i for i, _, _ in conts]), as_long([j for _, j, _ in conts]),
-                  max(len(cs) for *_, cs in pieces))
+                  cont_scored.to(device), as_long([i for i, _, _ in conts]),
+                  as_long([j for _, j, _ in conts]), max(len(cs) for *_, cs in pieces))
 
 
 @dataclass
@@ -226,14 +230,13 @@ def forward_terms(model, layout: Layout, embeds: torch.Tensor, recovery_weight: 
     out = model(inputs_embeds=embeds, attention_mask=layout.mask, position_ids=layout.positions,
                 use_cache=has_cont, **kwargs)
     logits = out.logits[:, -keep:]
-    # Only the scored positions go through the float32 log-softmax over the vocabulary (no padding position,
-    # whose logits may be NaN).
     targets = layout.target_scored
     token_lp, correct = _scored_logprobs(logits[:, :-1], layout.ids[:, 1 - keep:], targets)
     ce = -(token_lp * targets).sum(-1) / targets.sum(-1)
     hit = (correct | ~targets).all(-1)
     if not has_cont:
         return Terms(ce, ce, hit, None)
+    # the last column is every row's last target token (the prefixes end together)
     cont_lp = logits[:, -1].float().log_softmax(-1)[layout.owner, layout.cont[:, 0]]
     if layout.cont.shape[1] > 1:
         cont_lp = cont_lp + _continuation_logprob(model, layout, out.past_key_values)
@@ -263,7 +266,8 @@ def _continuation_logprob(model, layout: Layout, cache) -> torch.Tensor:
 
 def _scored_logprobs(logits: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor):
     """(log p(label), argmax == label) at the `scored` positions of `logits` [rows, n, V] (0 and True
-    elsewhere), through a float32 log-softmax over those positions only."""
+    elsewhere). Only those positions go through the float32 log-softmax over the vocabulary: no padding
+    position, whose logits may be NaN."""
     where = scored.nonzero(as_tuple=True)
     picked = logits[where].float()
     token_lp = torch.zeros(labels.shape, device=picked.device).index_put(

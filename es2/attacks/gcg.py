@@ -12,9 +12,11 @@ objective w.r.t. the one-hot suffix; per position the `topk` most negative-gradi
 unless `allow_non_ascii`, non-ASCII or unprintable tokens excluded); `search_width` candidates, each one
 random single-token swap; candidates whose decoded text does not re-tokenize to the same ids are dropped; the
 rest are scored with the same objective in batched forwards of `batch_size` candidates (under
-"anti_recovery", each candidate's refusal openings are scored on its prefix cache), and the best becomes the current suffix (even if worse: GCG's rule). The
-lowest-objective suffix of a start is its best. The prompts advance together, one step of each in turn, so
-that a judge sees all the prompts of a checkpoint in one batch.
+"anti_recovery", each candidate's refusal openings are then scored on its prefix cache, expanded to
+len(openings) rows: the memory of the scoring grows with batch_size * len(openings)), and the best becomes
+the current suffix (even if worse: GCG's rule). The lowest-objective suffix of a start is its best. The
+prompts advance together, one step of each in turn, so that a judge sees all the prompts of a checkpoint in
+one batch.
 
 Per prompt (`details`), about the suffix returned (the one that broke the prompt, else the lowest-objective
 one over all starts): `suffix`, `suffix_ids`, `attacked_prompt`, `target_loss`, `loss` (the objective),
@@ -205,7 +207,7 @@ class _Search:
         onehot.requires_grad_(True)
         base = self.emb_layer(self.layout.ids)
         inputs = base.masked_scatter(self.layout.adv.unsqueeze(-1).expand_as(base),
-                                     (onehot @ weight).unsqueeze(0))
+                                     onehot @ weight)
         terms = forward_terms(self.model, self.layout, inputs, self.weight)
         (grad,) = torch.autograd.grad(terms.loss.sum(), onehot)
         return grad.float()

@@ -196,8 +196,8 @@ def _run_start(run: _Run, live: list[int], inits: list[list[int]], start: int):
 
 
 def _final_figures(run: _Run, order: list[int], pieces: list[tuple]) -> list[dict]:
-    """Per prompt, the figures of its returned input: one no-grad forward per batch with the refusal openings
-    scored after the target (whatever the objective), then the distances to the token embeddings."""
+    """Per prompt, the figures of its returned input: one no-grad `forward_terms` per batch with the refusal
+    openings scored after the target (whatever the objective), then the distances to the token embeddings."""
     model, tracks = run.model, run.tracks
     emb_layer = model.get_input_embeddings()
     device = emb_layer.weight.device

@@ -246,17 +246,18 @@ def _survival_plots(out_dir: Path, runs: dict) -> dict:
     return plots
 
 
-def _survival_rows(runs: dict) -> list[list]:
-    """The survival curves as rows (model, attack, budget, share still refused) on each attack's shared grid."""
+def _survival_rows(runs: dict) -> dict[str, list[list]]:
+    """Per attack, the survival curves as rows (model, budget, share still refused) on a grid shared by the
+    models."""
     from es2.effort import survival, survival_grid
 
-    rows = []
+    out = {}
     for attack, found in runs["model"]["efforts"].items():
         curves = {role: run["efforts"][attack]["budgets"] for role, run in runs.items() if attack in run["efforts"]}
         grid = survival_grid(curves, found["high"])
-        for role, budgets in curves.items():
-            rows += [[role, attack, f"{b:.4g}", f"{s:.4f}"] for b, s in zip(grid, survival(budgets, grid))]
-    return rows
+        out[attack] = [[role, f"{b:.4g}", f"{s:.4f}"] for role, budgets in curves.items()
+                       for b, s in zip(grid, survival(budgets, grid))]
+    return out
 
 
 def _for_headline(outcomes: dict) -> dict:
@@ -295,7 +296,8 @@ def _write_outputs(out_dir: Path, runs: dict, metrics: dict, context: dict, rows
                                        run["metrics"][f"asr/{result.name}/{judge}"]])
     _csv(out_dir / "asr.csv", ["model", "attack", "judge", "asr"], asr_rows)
     _csv(out_dir / "depth.csv", ["model", "judge", "step", "k", "asr"], depth_rows)
-    _csv(out_dir / "survival.csv", ["model", "attack", "budget", "still_refused"], _survival_rows(runs))
+    for attack, curve in _survival_rows(runs).items():  # one file per attack: their budgets have other units
+        _csv(out_dir / f"survival_{attack}.csv", ["model", "budget", "still_refused"], curve)
     analyses = {role: run["depth"] for role, run in runs.items() if run.get("depth")}
     # always written (a DVC output): says so when no injection with s > 0 ran
     write_json(out_dir / "depth_projection.json",

@@ -195,7 +195,9 @@ def _optimisation_attacks(model, tokenizer, harmful, cfg, judge):
                                         budgets.softprompt_steps * budgets.softprompt_restarts,
                                         "optimisation steps", prompts[:n])
         efforts["softprompt"]["token_distance"] = [d["token_distance"] for d in r.details]
-    if "gcg" in cfg.attacks and budgets.gcg_prompts:
+    if "gcg" in cfg.attacks and not budgets.gcg_prompts:
+        print(f"  gcg: skipped (profile {cfg.profile} gives it no prompts)", flush=True)
+    elif "gcg" in cfg.attacks:
         n = min(budgets.gcg_prompts, len(prompts))
         with Timed("gcg"):
             r = optimization.gcg(model, tokenizer, prompts[:n], affirmative[:n], budgets.gcg_steps,
