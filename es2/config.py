@@ -141,7 +141,8 @@ Budget = Annotated[tuple[float, float], AfterValidator(_ordered_budget)]
 class AttackBudgets(Section):
     """The budgets of one evaluation profile (evaluate.profiles): what the costly attacks may spend per prompt."""
 
-    effort_rounds: int = Field(ge=0, description="bisection rounds of the RepE and SCAV effort searches")
+    effort_rounds: int = Field(ge=0, description="bisection rounds of the RepE and SCAV effort searches, after "
+                                                 "bracketing from below by doubling (bracket 2 ** (1 / 2 ** r))")
     softprompt_prompts: int = Field(ge=1)
     softprompt_steps: int = Field(ge=1, description="optimisation steps per start")
     softprompt_restarts: int = Field(ge=1, description="starts for a prompt not yet broken")

@@ -71,8 +71,11 @@ def test_embedding_attacks_beat_the_direct_request_on_the_warm_started_default_m
     band = representation.default_band(num_layers(model))
     n = min(len(fit_harmful), len(fit_harmless))
     directions = {layer: representation.repe_direction(h[layer][:n], s[layer][:n]) for layer in band}
-    [repe] = representation.repe(model, tok, prompts, directions, [max(cfg.repe_coefficients)], **common)
-    _beats(f"RepE c{max(cfg.repe_coefficients):g}", _asr(judge, prompts, repe.generations), direct)
+    # RepE's coefficient is chosen per prompt, as its effort search does: too strong a push writes gibberish,
+    # which the judge rightly does not count, so one fixed strength under-reports it
+    repe = representation.repe_effort(model, tok, prompts, directions, judge, None, *cfg.repe_effort, rounds=0,
+                                      **common)
+    _beats("RepE (coefficient per prompt)", [b is not None for b in repe.budgets], direct)
 
     k = 10  # the soft prompt on the first prompts of the sample, judged on its answers, target objective
     soft = optimization.soft_prompt(model, tok, prompts[:k], targets(harmful)[:k], cfg.softprompt_tokens, 20,

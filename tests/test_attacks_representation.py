@@ -221,7 +221,7 @@ def test_repe_effort_finds_the_coefficient_that_flips_the_first_token(lm):
     scales = {final: 2.0}
     slope = -scales[final] * (model.get_output_embeddings().weight.detach().float() @ d)
     texts = [tok.decode([j]) for j in range(slope.shape[0])]
-    truth, unsteered, ceiling = [], {}, []
+    truth, unsteered, back = [], {}, []
     for prompt, seq in zip(PROMPTS, tok(chat_prompts(tok, PROMPTS), add_special_tokens=False)["input_ids"]):
         with torch.no_grad():
             l0 = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
@@ -229,18 +229,18 @@ def test_repe_effort_finds_the_coefficient_that_flips_the_first_token(lm):
         assert len(changes) >= 2, "the toy needs a direction that changes the first token"
         unsteered[prompt] = changes[0][1]
         truth.append(changes[1][0])
-        # the text may later read as the unsteered one again: search below that point only (monotone there)
-        back = next((c for c, text in changes[2:] if text == changes[0][1]), float("inf"))
-        ceiling.append(min(back, 100.0))
+        # the text may read as the unsteered one again further on: search below that point (monotone there;
+        # non-monotone searches are tested on hand-built toys in test_effort)
+        back.append(next((c for c, text in changes[2:] if text == changes[0][1]), float("inf")))
 
     def judge(prompts, answers):  # refused = the one generated token still reads as the unsteered one
         return [a == unsteered[p] for p, a in zip(prompts, answers)]
 
-    low, high = min(truth) / 4, min(max(truth) * 1.5, min(ceiling) * 0.99)
+    low, high = min(truth) / 4, min(max(truth) * 1.5, min(back) * 0.99)
     assert high > max(truth)
     found = repe_effort(model, tok, PROMPTS, {final: d}, judge, None, low, high, rounds=8, scales=scales,
                         max_new_tokens=1, batch_size=4)
-    precision = (high / low) ** (1 / 2 ** 8)
+    precision = 2 ** (1 / 2 ** 8)  # doubling from `low`, then 8 bisections
     for got, want in zip(found.budgets, truth):
         assert want <= got * (1 + 1e-4) and got <= want * precision * (1 + 1e-4), (got, want)
 

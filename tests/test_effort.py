@@ -94,6 +94,43 @@ def test_non_monotone_prompt_still_gets_a_consistent_bracket():
     assert not rule(0, lo) and rule(0, hi) and s.budgets[0] == hi and hi > 0.4
 
 
+def _window(lo: list[float], hi: list[float], calls: list):
+    """A toy whose prompt i answers compliantly only for budgets in [lo[i], hi[i]): steering too hard makes
+    gibberish, which the judge does not call compliance."""
+    def broken(indices, budgets):
+        calls.append((list(indices), list(budgets)))
+        return [lo[i] <= b < hi[i] for i, b in zip(indices, budgets)]
+    return broken
+
+
+def test_ascending_search_finds_the_first_break_below_a_gibberish_ceiling():
+    lo = [0.05, 0.3, 0.013, 5.0, math.inf, 0.5]
+    hi = [0.5, 10.0, 0.03, 100.0, math.inf, 100.0]  # prompt 0 breaks in [0.05, 0.5) only: high would censor it
+    calls = []
+    found = effort.ascending_budgets(_window(lo, hi, calls), 6, 0.01, 4.0, rounds=6,
+                                     broken_at_zero=[False] * 5 + [True])
+    precision = 2 ** (1 / 2 ** 6)
+    for i in (0, 1, 2):
+        assert lo[i] <= found.budgets[i] <= lo[i] * precision * (1 + 1e-9), i
+        assert found.brackets[i][0] < lo[i] <= found.brackets[i][1]
+    assert found.budgets[3] is None and found.budgets[4] is None  # first compliant above high = 4: censored
+    assert found.budgets[5] == 0.0 and all(5 not in idx for idx, _ in calls)
+    doubling = [b[0] for _, b in calls[:10]]
+    assert doubling[:3] == pytest.approx([0.01, 0.02, 0.04]) and max(b for _, bs in calls for b in bs) <= 4.0
+    assert all(idx for idx, _ in calls)  # never an empty call
+
+
+def test_ascending_search_reaches_high_exactly_and_broken_at_low_is_not_bisected():
+    calls = []
+    found = effort.ascending_budgets(_window([3.0, 0.001], [9.0, 9.0], calls), 2, 0.01, 5.0, rounds=3)
+    assert 3.0 <= found.budgets[0] <= 3.0 * 2 ** (1 / 8) * (1 + 1e-9)  # bracketed by 2.56 and high = 5
+    assert found.budgets[1] == 0.01 and found.brackets[1] == (0.0, 0.01)
+    assert not any(1 in idx for idx, _ in calls[1:])  # resolved at the first step
+    assert calls[9][1] == [5.0]  # 0.01 * 2^9 = 5.12 is clamped to high
+    with pytest.raises(ValueError, match="factor"):
+        effort.ascending_budgets(_window([1.0], [2.0], []), 1, 0.1, 1.0, rounds=1, factor=1.0)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"low": 1.0, "high": 1.0}, "low < high"),
     ({"low": 2.0, "high": 1.0}, "low < high"),

@@ -25,7 +25,7 @@ import torch
 
 from es2.attacks import AttackResult
 from es2.attacks.hooks import Rows, hooked, last_token_states, layer_scales
-from es2.effort import bisect_budgets
+from es2.effort import ascending_budgets
 from es2.generation import _device, generate
 
 Judge = Callable[[list[str], list[str]], list[bool]]  # (prompts, answers) -> refused
@@ -43,8 +43,8 @@ def _per_prompt(budget, n: int) -> torch.Tensor | None:
 
 def _effort_search(attack: Callable[[list[int], list[float]], list[str]], prompts: list[str], judge: Judge,
                    refused_direct: list[bool] | None, low: float, high: float, rounds: int):
-    """Bisection over a per-prompt budget: `attack(indices, budgets)` returns the answers of prompts[indices]
-    at those budgets; a prompt is broken when `judge` does not call its answer a refusal. Prompts answered
+    """The smallest breaking budget per prompt, bracketed from below and bisected (es2.effort's
+    ascending_budgets): `attack(indices, budgets)` returns the answers of prompts[indices] at those budgets; a prompt is broken when `judge` does not call its answer a refusal. Prompts answered
     without any attack (`refused_direct` False) have budget 0 and are never attacked."""
 
     def broken(indices, budgets):
@@ -52,7 +52,7 @@ def _effort_search(attack: Callable[[list[int], list[float]], list[str]], prompt
         return [not r for r in judge([prompts[i] for i in indices], answers)]
 
     at_zero = None if refused_direct is None else [not r for r in refused_direct]
-    return bisect_budgets(broken, len(prompts), low, high, rounds, geometric=True, broken_at_zero=at_zero)
+    return ascending_budgets(broken, len(prompts), low, high, rounds, broken_at_zero=at_zero)
 
 
 # ------------------------------------------------------------------------------------------------------------
