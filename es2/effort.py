@@ -77,6 +77,21 @@ def _check_search_args(n, low, high, rounds, geometric, broken_at_zero) -> None:
         raise ValueError(f"broken_at_zero has {len(broken_at_zero)} entries for n={n} prompts")
 
 
+class _Asker:
+    """The caller's `broken`, checked (one flag per prompt) and counted (calls and prompt-evaluations)."""
+
+    def __init__(self, broken: Callable[[list[int], list[float]], list[bool]]):
+        self.broken, self.queries, self.calls = broken, 0, 0
+
+    def __call__(self, indices: list[int], at: list[float]) -> list[bool]:
+        flags = [bool(f) for f in self.broken(list(indices), list(at))]
+        if len(flags) != len(indices):
+            raise ValueError(f"broken() returned {len(flags)} flags for {len(indices)} prompts")
+        self.queries += len(indices)
+        self.calls += 1
+        return flags
+
+
 def bisect_budgets(broken: Callable[[list[int], list[float]], list[bool]], n: int, low: float, high: float,
                    rounds: int, geometric: bool = True,
                    broken_at_zero: Sequence[bool] | None = None) -> Search:
@@ -101,16 +116,7 @@ def bisect_budgets(broken: Callable[[list[int], list[float]], list[bool]], n: in
     zero = [bool(z) for z in broken_at_zero] if broken_at_zero is not None else [False] * n
     budgets: list[float | None] = [0.0 if z else None for z in zero]
     brackets: list[tuple[float, float]] = [(0.0, 0.0) if z else (high, math.inf) for z in zero]
-    queries = calls = 0
-
-    def ask(indices: list[int], at: list[float]) -> list[bool]:
-        nonlocal queries, calls
-        flags = [bool(f) for f in broken(list(indices), list(at))]
-        if len(flags) != len(indices):
-            raise ValueError(f"broken() returned {len(flags)} flags for {len(indices)} prompts")
-        queries += len(indices)
-        calls += 1
-        return flags
+    ask = _Asker(broken)
 
     pending = [i for i in range(n) if not zero[i]]
     if pending:
@@ -123,7 +129,8 @@ def bisect_budgets(broken: Callable[[list[int], list[float]], list[bool]], n: in
             budgets[i] = low if f else high
         pending = [i for i, f in zip(pending, flags) if not f]
     _bisect(ask, pending, brackets, budgets, rounds, geometric)
-    return Search(budgets=budgets, brackets=brackets, queries=queries, rounds_run=calls, low=low, high=high)
+    return Search(budgets=budgets, brackets=brackets, queries=ask.queries, rounds_run=ask.calls, low=low,
+                  high=high)
 
 
 def _bisect(ask, pending: list[int], brackets: list, budgets: list, rounds: int, geometric: bool) -> None:
@@ -156,16 +163,7 @@ def ascending_budgets(broken: Callable[[list[int], list[float]], list[bool]], n:
     zero = [bool(z) for z in broken_at_zero] if broken_at_zero is not None else [False] * n
     budgets: list[float | None] = [0.0 if z else None for z in zero]
     brackets: list[tuple[float, float]] = [(0.0, 0.0) if z else (high, math.inf) for z in zero]
-    queries = calls = 0
-
-    def ask(indices: list[int], at: list[float]) -> list[bool]:
-        nonlocal queries, calls
-        flags = [bool(f) for f in broken(list(indices), list(at))]
-        if len(flags) != len(indices):
-            raise ValueError(f"broken() returned {len(flags)} flags for {len(indices)} prompts")
-        queries += len(indices)
-        calls += 1
-        return flags
+    ask = _Asker(broken)
 
     steps = math.ceil(math.log(high / low) / math.log(factor) - 1e-9)
     grid = [min(low * factor ** k, high) for k in range(steps + 1)]
@@ -180,7 +178,8 @@ def ascending_budgets(broken: Callable[[list[int], list[float]], list[bool]], n:
                 bisect += [i] if below > 0 else []  # broken at `low`: only "<= low" is known
         pending, below = [i for i, f in zip(pending, flags) if not f], budget
     _bisect(ask, bisect, brackets, budgets, rounds, True)
-    return Search(budgets=budgets, brackets=brackets, queries=queries, rounds_run=calls, low=low, high=high)
+    return Search(budgets=budgets, brackets=brackets, queries=ask.queries, rounds_run=ask.calls, low=low,
+                  high=high)
 
 
 # ------------------------------------------------------------------------------------------------------------
