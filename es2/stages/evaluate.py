@@ -29,6 +29,9 @@ from es2.config import Params
 from es2.errors import ConfigError, DataError
 from es2.io import write_json, write_jsonl, write_text
 
+SURVIVAL_PLOTS = ("repe", "scav", "softprompt")  # survival_<attack>.csv, declared as plots in dvc.yaml
+
+
 def load_model(spec: str, params: Params):
     """(model, tokenizer) for a model spec: `train-base`, a folder, an HF id, a peft adapter folder, or a
     registered model `models:/NAME@ALIAS` / `models:/NAME/VERSION` (downloaded once into the es2 cache)."""
@@ -296,8 +299,11 @@ def _write_outputs(out_dir: Path, runs: dict, metrics: dict, context: dict, rows
                                        run["metrics"][f"asr/{result.name}/{judge}"]])
     _csv(out_dir / "asr.csv", ["model", "attack", "judge", "asr"], asr_rows)
     _csv(out_dir / "depth.csv", ["model", "judge", "step", "k", "asr"], depth_rows)
-    for attack, curve in _survival_rows(runs).items():  # one file per attack: their budgets have other units
-        _csv(out_dir / f"survival_{attack}.csv", ["model", "budget", "still_refused"], curve)
+    curves = _survival_rows(runs)
+    # one file per attack (their budgets have other units); the ones dvc.yaml declares are always written, with
+    # no rows when the attack did not run
+    for attack in sorted(set(curves) | set(SURVIVAL_PLOTS)):
+        _csv(out_dir / f"survival_{attack}.csv", ["model", "budget", "still_refused"], curves.get(attack, []))
     analyses = {role: run["depth"] for role, run in runs.items() if run.get("depth")}
     # always written (a DVC output): says so when no injection with s > 0 ran
     write_json(out_dir / "depth_projection.json",
