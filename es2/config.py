@@ -87,7 +87,7 @@ class AlignParams(Section):
 
 
 class TrainParams(Section):
-    """ES2 fine-tuning and the baselines trained under the same harness (see docs/training.md)."""
+    """ES2 fine-tuning and the baselines trained under the same harness (README, Training)."""
 
     method: Literal["es2", "es2_refusal", "refusal_sft", "circuit_breakers", "es2_trajectory", "trajectory"] = "es2"
     layers: list[int] = Field([16, 20, 24, 28], min_length=1,

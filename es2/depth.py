@@ -1,4 +1,4 @@
-"""Does the refusal-direction projection at the injection point predict recovery? (METHOD.md §4, claim 2)
+"""Does the refusal-direction projection at the injection point predict recovery? (Park & Kim 2026's claim)
 
 Park & Kim (2026) claim that how far a model's hidden state lies along its refusal direction does not predict
 whether it recovers from a mid-sequence injection. This module tests that on the evaluate stage's injection

@@ -3,7 +3,7 @@ reference.
 
 Pure tensor code: no model, no I/O. The trainer runs the forward passes (current model, and the reference
 with the LoRA adapter disabled) and hands in pooled hidden states and logits; this module turns them into one
-scalar and the named intermediates that get logged. Spec: METHOD.md §7a (options) and §1.4 (reconstruction).
+scalar and the named intermediates that get logged.
 
 Hidden-state index convention
     Layer ``l`` is ``outputs.hidden_states[l]`` of an HF causal LM called with ``output_hidden_states=True``:
@@ -220,7 +220,7 @@ def pool(hidden: Tensor, attention_mask: Tensor, how: Pooling = "last",
 
 def normalize(reps: Tensor, how: Normalization = "none", center: Tensor | None = None,
               scale: Tensor | None = None) -> Tensor:
-    """Apply the fixed normalisation of METHOD.md §7a to ``[N, D]`` representations.
+    """Apply a fixed normalisation to ``[N, D]`` representations.
 
     Args:
         reps: ``[N, D]``.
@@ -477,7 +477,7 @@ class ES2LossOutput(NamedTuple):
 
 class ES2Loss(nn.Module):
     """ES2 objective: separate harmful from harmless representations at chosen layers, with a KL leash on
-    harmless logits (ES2, Zhao, Wang & Shen 2026, arXiv 2603.20206; options reconstructed in METHOD.md §7a).
+    harmless logits (ES2, Zhao, Wang & Shen 2026, arXiv 2603.20206; the options are this project's reconstruction).
 
     Args:
         distance: per-layer distance (``centroid`` default: scale-free, so inflating norms does not pay).
@@ -628,7 +628,7 @@ class ES2Loss(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Circuit breakers (representation rerouting; Zou et al. 2024, METHOD.md §3.1), a baseline under one harness
+# Circuit breakers (representation rerouting; Zou et al. 2024), a baseline under one harness
 
 
 class CircuitBreakerOutput(NamedTuple):

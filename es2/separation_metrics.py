@@ -1,7 +1,7 @@
 """Per-layer separation of harmful vs harmless hidden states, and a before/after PCA scatter plot.
 
 Every function takes one layer's states: harmful ``h`` [n, D] and harmless ``s`` [m, D] (torch tensors or
-numpy arrays; computed in float64 on the CPU). Metrics (METHOD.md §3.5 and §7c):
+numpy arrays; computed in float64 on the CPU). Metrics:
 
 - ``probe_accuracy``: held-out accuracy of a logistic probe (the SCAV precondition is > 0.9).
 - ``centroid_distance``: ``||mu_H - mu_S||`` (raw scale; centring both sets by the pooled mean first leaves it

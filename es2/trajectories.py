@@ -1,4 +1,4 @@
-"""Training trajectories with simulated mid-sequence injections (METHOD.md §3.6 and §4; issue 6).
+"""Training trajectories with simulated mid-sequence injections (deep safety alignment, Qi et al. 2025).
 
 For one pair row (harmful prompt, harmless prompt) the builder draws an injection step s from `steps` and
 returns two trajectories, each `{"prompt", "prefix", "target"}`:

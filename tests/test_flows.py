@@ -67,7 +67,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prefect_env(workdir) -> dict[str, str]:
-    """Environment of the server, the serving process and its flow runs (../shared/reference/STACK.md, "Environment for CI")."""
+    """Environment of the server, the serving process and its flow runs."""
     (workdir / "tmp").mkdir()
     return {**os.environ,
             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(workdir / "tmp"),

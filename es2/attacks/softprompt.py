@@ -1,10 +1,10 @@
-"""Soft-prompt embedding attack (Schwinn et al. 2023/2024; METHOD.md §2.3), with a step budget over several
+"""Soft-prompt embedding attack (Schwinn et al. 2023/2024), with a step budget over several
 starts, success judged on generated answers, and the anti-recovery objective (es2.attacks.adversarial: the
 conventions and the objective; es2.attacks.search: the budget rules).
 
 Per prompt, `n_tokens` free embedding vectors are inserted at the end of the user message and optimised to
 minimise the objective:
-  method="signed": signed gradient descent, e <- e - lr * sign(grad) (Schwinn; lr 0.01 per METHOD.md);
+  method="signed": signed gradient descent, e <- e - lr * sign(grad) (Schwinn et al.'s step 0.01);
   method="adam":   Adam with learning rate lr (the softopt variant of HarmBench / circuit-breaker evals).
 Start 0 initialises them from the embeddings of `init` repeated ("! ! ! ..."); a later start (only for the
 prompts not broken yet) from the embeddings of random non-special tokens, drawn from a generator seeded by
