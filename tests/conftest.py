@@ -51,6 +51,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    """The tiny model and its tokenizer, loaded once per test module on one thread (the attack tests share it;
+    a module that needs a fresh model per test defines its own `lm`)."""
+    import torch
+
+    from es2.modeling import load_causal_lm
+
+    torch.set_num_threads(1)
+    return load_causal_lm(str(tiny_model_dir))
+
+
 def tiny_params(params: dict, model_dir: Path) -> dict:
     """params.yaml shrunk to seconds on the tiny model: every stage still runs for real (align writes its
     disabled marker; evaluate runs the direct and injection attacks at s = 0, so depth.csv has rows)."""

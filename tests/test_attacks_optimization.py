@@ -14,12 +14,6 @@ TARGETS = ["sure", "sure, here", "sure, here is how to"]
 
 
 @pytest.fixture(scope="module")
-def lm(tiny_model_dir):
-    torch.set_num_threads(1)
-    return load_causal_lm(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
 def sensitive_lm(tiny_model_dir):
     """The tiny model with its layer weights scaled up: a random model at init barely looks at the context,
     this one does, so the attacks can reach their target in a few steps."""
