@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from es2.attacks import optimization, prompting, representation
-from es2.attacks.hooks import all_layers, last_token_states, num_layers
+from es2.attacks.hooks import all_layers, last_token_states, layer_scales, num_layers
 from es2.effort import summarise
 from es2.spans import targets
 
@@ -167,10 +167,13 @@ def _representation_attacks(model, tokenizer, prompts, probe_sets, cfg, judge, r
         directions = {layer: representation.repe_direction(h_states[layer][:n], s_states[layer][:n])
                       for layer in band}
         with Timed("repe"):
-            results += representation.repe(model, tokenizer, prompts, directions, cfg.repe_coefficients, **common)
+            # the unit of both: the attacked prompts' own mean state norm per band layer, measured once
+            scales = layer_scales(last_token_states(model, tokenizer, prompts, band, cfg.batch_size))
+            results += representation.repe(model, tokenizer, prompts, directions, cfg.repe_coefficients, scales,
+                                           **common)
         with Timed("repe effort search"):
             found = representation.repe_effort(model, tokenizer, prompts, directions, low=cfg.repe_effort[0],
-                                               high=cfg.repe_effort[1], **search, **common)
+                                               high=cfg.repe_effort[1], scales=scales, **search, **common)
         efforts["repe"] = _effort(found.budgets, cfg.repe_effort[1], "steering norm / mean state norm", prompts)
     return results, efforts
 
