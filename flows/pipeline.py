@@ -236,8 +236,6 @@ def pipeline(repo: str = ".", stages: list[str] = DVC_STAGES, register: bool = T
     except RunLocked as exc:
         return Failed(message=str(exc))
     with lock:
-        if lock.took_over:
-            print(f"took over a stale run lock: {lock.took_over}")
         if data_rev:
             checkout_data(root, data_rev)
             pull_data(root)

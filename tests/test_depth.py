@@ -44,12 +44,13 @@ def test_independent_data_interval_contains_zero():
     assert out == depth.point_biserial(x, flags, bootstrap=1000, seed=3)  # fixed seed: reproducible
 
 
-def test_fisher_interval_known_value():
-    # r = 0.5, n = 28: atanh(0.5) = 0.5493, se = 1/5; tanh(0.5493 -+ 0.3920) = 0.1560, 0.7358
-    low, high = depth.fisher_interval(0.5, 28)
-    assert (low, high) == pytest.approx((0.1560, 0.7358), abs=1e-4)
-    assert depth.fisher_interval(-0.5, 28) == pytest.approx((-high, -low))
-    assert all(math.isnan(v) for v in depth.fisher_interval(0.3, 3))
+def test_correlation_interval_is_fishers_z():
+    rng = np.random.default_rng(2)
+    flags = rng.integers(0, 2, 28)
+    out = depth.point_biserial(rng.normal(size=28) + flags, flags, bootstrap=0)
+    half = 1.959964 / math.sqrt(28 - 3)
+    expected = (math.tanh(math.atanh(out["corr"]) - half), math.tanh(math.atanh(out["corr"]) + half))
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx(expected, abs=1e-6)
 
 
 def test_undefined_cases_are_nan_with_a_reason():
@@ -58,7 +59,8 @@ def test_undefined_cases_are_nan_with_a_reason():
     assert "equal" in depth.point_biserial([1.0] * 6, [0, 1, 0, 1, 0, 1])["reason"]
     assert "points" in depth.point_biserial([1.0, 2.0], [0, 1])["reason"]
     assert depth.point_biserial([], [])["reason"] == "no points"
-    assert depth.auc([1.0, 1.0, 0.0], [True, False, False]) == 0.75  # a tie counts one half
+    tied = depth.point_biserial([1.0, 1.0, 0.0, 0.5], [True, False, False, False])
+    assert tied["auc"] == pytest.approx(2.5 / 3)  # a tie counts one half
 
 
 def test_refusal_direction_and_default_layer():

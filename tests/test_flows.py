@@ -232,19 +232,13 @@ def test_data_rev_checks_out_and_pulls_data_first(api_url, project):
 
 
 def test_concurrent_run_fails_fast_with_the_lock_holder(api_url, project):
-    from es2.locking import LOCK_PATH
+    from es2.locking import RunLock
     from flows.pipeline import pipeline
 
-    holder = {"run_id": "busy-run/1234", "pid": os.getppid(), "host": socket.gethostname(),
-              "started": "2026-01-01T03:00:00+00:00"}
-    (project / LOCK_PATH).parent.mkdir(exist_ok=True)
-    (project / LOCK_PATH).write_text(json.dumps(holder))
-    try:
+    with RunLock(project, "busy-run/1234"):
         state = pipeline(repo=str(project), stages=STAGES, register=False, return_state=True)
-    finally:
-        (project / LOCK_PATH).unlink()
     assert state.is_failed()
-    assert f"locked by run busy-run/1234 (pid {os.getppid()}" in state.message
+    assert f"locked by run busy-run/1234 (pid {os.getpid()} on {socket.gethostname()}" in state.message
     assert _task_run_names(state.state_details.flow_run_id) == []
 
 

@@ -1,7 +1,8 @@
-"""The repository run lock: one pipeline run at a time, a clear message for the second, stale locks taken over."""
+"""The repository run lock: one pipeline run at a time, a clear message for the second, nothing left by a crash."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -9,42 +10,29 @@ import threading
 
 import pytest
 
-from es2.locking import LOCK_PATH, LockInfo, RunLock, RunLocked, read_lock
+from es2.locking import HOLDER_PATH, RunLock, RunLocked
+
+HOLD_AND_WAIT = """
+import sys, time
+from es2.locking import RunLock
+lock = RunLock(sys.argv[1], "crashing-run").acquire()  # referenced: a collected lock is released
+print("held", flush=True)
+time.sleep(600)
+"""
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()  # reaped: the pid no longer exists
-    return proc.pid
-
-
-def _write_lock(repo, **fields):
-    path = repo / LOCK_PATH
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = {"run_id": "old-run", "pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01T03:00:00",
-            **fields}
-    path.write_text(json.dumps(info))
-    return path
-
-
-def test_lock_file_records_the_run_and_is_removed_on_exit(tmp_path):
-    with RunLock(tmp_path, "run-a") as lock:
-        info = read_lock(tmp_path / LOCK_PATH)
-        assert info == lock.info
-        assert (info.run_id, info.pid, info.host) == ("run-a", os.getpid(), socket.gethostname())
-    assert not (tmp_path / LOCK_PATH).exists()
-
-
-def test_second_acquirer_gets_a_clear_message(tmp_path):
+def test_second_acquirer_gets_a_clear_message_and_the_holder_keeps_the_lock(tmp_path):
     with RunLock(tmp_path, "run-a") as first:
+        assert json.loads((tmp_path / HOLDER_PATH).read_text()) == first.info
         with pytest.raises(RunLocked) as exc:
             RunLock(tmp_path, "run-b").acquire()
-        message = str(exc.value)
-        assert f"locked by run run-a (pid {os.getpid()} on {socket.gethostname()}, started {first.info.started})" \
-            in message
-        assert "delete" in message and "run.lock" in message
-        assert read_lock(tmp_path / LOCK_PATH).run_id == "run-a"  # the holder keeps its lock
-    assert not (tmp_path / LOCK_PATH).exists()
+        assert (f"locked by run run-a (pid {os.getpid()} on {socket.gethostname()}, "
+                f"started {first.info['started']})") in str(exc.value)
+        assert "wait for that run to finish" in str(exc.value)
+        assert json.loads((tmp_path / HOLDER_PATH).read_text())["run_id"] == "run-a"
+    assert not (tmp_path / HOLDER_PATH).exists()
+    with RunLock(tmp_path, "run-b"):  # free again once released
+        pass
 
 
 def test_only_one_of_many_simultaneous_acquirers_wins(tmp_path):
@@ -64,41 +52,27 @@ def test_only_one_of_many_simultaneous_acquirers_wins(tmp_path):
         t.join()
     winners = [o for o in outcomes if o is not None]
     assert len(winners) == 1
-    assert read_lock(tmp_path / LOCK_PATH) == winners[0].info
+    assert json.loads((tmp_path / HOLDER_PATH).read_text()) == winners[0].info
+    winners[0].release()
 
 
-def test_stale_lock_from_a_dead_pid_is_taken_over(tmp_path):
-    _write_lock(tmp_path, pid=_dead_pid())
+def test_a_killed_holder_leaves_the_repository_free(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_WAIT, str(tmp_path)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match=f"locked by run crashing-run \\(pid {holder.pid} "):
+            RunLock(tmp_path, "run-new").acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no cleanup runs: its holder file stays behind
+        holder.wait()
+    assert (tmp_path / HOLDER_PATH).exists()
     with RunLock(tmp_path, "run-new") as lock:
-        assert isinstance(lock.took_over, LockInfo) and lock.took_over.run_id == "old-run"
-        assert read_lock(tmp_path / LOCK_PATH).run_id == "run-new"
+        assert json.loads((tmp_path / HOLDER_PATH).read_text()) == lock.info
 
 
-def test_lock_of_a_live_process_is_not_stale(tmp_path):
-    _write_lock(tmp_path, pid=os.getppid())
-    with pytest.raises(RunLocked, match="locked by run old-run"):
-        RunLock(tmp_path, "run-new").acquire()
-
-
-def test_lock_from_another_host_is_never_judged_stale(tmp_path):
-    _write_lock(tmp_path, pid=_dead_pid(), host="some-other-host")
-    with pytest.raises(RunLocked, match="on some-other-host"):
-        RunLock(tmp_path, "run-new").acquire()
-
-
-def test_unreadable_lock_is_held_while_fresh_and_stale_when_old(tmp_path):
-    path = tmp_path / LOCK_PATH
-    path.parent.mkdir()
-    path.write_text("")  # a lock being written
-    with pytest.raises(RunLocked, match="being written"):
-        RunLock(tmp_path, "run-new").acquire()
-    os.utime(path, (1, 1))  # garbage from long ago
-    with RunLock(tmp_path, "run-new") as lock:
-        assert lock.took_over == "unreadable"
-
-
-def test_release_never_removes_another_runs_lock(tmp_path):
-    lock = RunLock(tmp_path, "run-a").acquire()
-    _write_lock(tmp_path, run_id="run-b")  # e.g. someone deleted ours and another run took the repo
-    lock.release()
-    assert read_lock(tmp_path / LOCK_PATH).run_id == "run-b"
+def test_a_holder_that_has_not_described_itself_yet_is_still_a_holder(tmp_path):
+    with RunLock(tmp_path, "run-a"):
+        (tmp_path / HOLDER_PATH).unlink()
+        with pytest.raises(RunLocked, match="locked by another run that is just starting"):
+            RunLock(tmp_path, "run-b").acquire()
