@@ -39,6 +39,13 @@ def test_near_duplicates_form_one_group_and_stay_on_one_side_of_a_split():
         assert held[0] == held[1]
 
 
+def test_near_duplicate_groups_follow_chains_and_number_by_first_row():
+    angles = np.radians([0, 15, 30, 90])  # 0-15 and 15-30 are linked at cos 15 deg; 0-30 (cos 30) is not
+    emb = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    assert near_duplicate_groups(emb[[3, 0, 1, 2]], threshold=0.95).tolist() == [0, 1, 1, 1]
+    assert near_duplicate_groups(emb[:1], threshold=0.95).tolist() == [0]
+
+
 def test_random_pairing_is_deterministic_for_a_seed():
     rng = np.random.default_rng
     h, s = _unit(np.random.default_rng(1).normal(size=(5, 8))), _unit(np.random.default_rng(2).normal(size=(9, 8)))

@@ -40,20 +40,18 @@ def nearest_neighbours(queries: np.ndarray, pool: np.ndarray, k: int, block_size
 
 
 def near_duplicate_groups(embeddings: np.ndarray, threshold: float, k: int = 8) -> np.ndarray:
-    """Group id per row: rows linked by cosine >= threshold (through any chain) share a group (union-find)."""
-    parent = np.arange(len(embeddings))
+    """Group id per row: rows linked by cosine >= threshold (through any chain) share a group, numbered in
+    order of their first row (the connected components of the graph of each row's k nearest neighbours)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    if len(embeddings) > 1:
-        idx, sim = nearest_neighbours(embeddings, embeddings, k, exclude_self=True)
-        for i, j in zip(*np.nonzero(sim >= threshold)):
-            parent[root(i)] = root(int(idx[i, j]))
-    return np.array([root(i) for i in range(len(embeddings))])
+    n = len(embeddings)
+    if n < 2:
+        return np.arange(n)
+    idx, sim = nearest_neighbours(embeddings, embeddings, k, exclude_self=True)
+    rows, cols = np.nonzero(sim >= threshold)
+    links = coo_matrix((np.ones(len(rows)), (rows, idx[rows, cols])), shape=(n, n))
+    return connected_components(links, directed=False)[1]
 
 
 def split_by_group(groups: np.ndarray, fraction: float, rng: np.random.Generator,
