@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from es2.headline import HeadlineRow
-from es2.io import write_text
+from es2.io import atomic_path, write_text
 
 ROWS = [  # (metric key, label)
     ("refusal_margin/mean", "refusal margin log p(refuse) - log p(comply), mean"),
@@ -62,7 +62,8 @@ def _plot_asr(out_dir: Path, runs: dict, metrics: dict, judge: str) -> Path:
     ax.legend()
     fig.tight_layout()
     path = out_dir / f"asr_{judge}.png"
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
     return path
 
 
@@ -101,7 +102,8 @@ def _plot_depth(out_dir: Path, runs: dict, metrics: dict, judge: str) -> Path | 
     ax.legend(fontsize=7, handlelength=3.5, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     path = out_dir / "depth_of_safety.png"
-    fig.savefig(path, dpi=90)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
     return path
 
 
