@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install data model run test clean
+.PHONY: install data model run lint test clean
 
 # A stamp file makes re-running cheap; it is rebuilt when the pins change.
 $(VENV)/.installed: pyproject.toml requirements.lock
@@ -25,6 +25,9 @@ model: install           ## dequantize the embedded model into the cache (~20 s,
 
 run: data model          ## the main job
 	dvc repro
+
+lint: install            ## the import contracts of pyproject.toml: layers, and one importer per heavy integration
+	$(BIN)/lint-imports --no-cache
 
 test: install            ## pytest exits 5 when it collects nothing: that is a failure, said plainly
 	$(BIN)/python -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -ne 5 ] || echo "FAIL: pytest collected no tests" >&2; exit $$rc; }

@@ -1,15 +1,18 @@
 """The `es2` command line. Each subcommand calls one stage function; DVC and the Prefect flow call the same ones.
 
-Run `es2 COMMAND --help` for the options and an example of each command.
+Run `es2 COMMAND --help` for the options and an example of each command. Stage folders come from the stage
+table (es2/pipeline.py), the one place that also renders dvc.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
 from es2.errors import ES2Error
+from es2.pipeline import ARTIFACTS, stage
 
 EXAMPLES = {
     "model prepare": "es2 model prepare            # dequantize the embedded SmolLM2 GGUF into the cache (once)",
@@ -33,6 +36,7 @@ EXAMPLES = {
              "  es2 judge answers.jsonl --out j.jsonl --judge-model /models/guard --template llamaguard   # GPU\n"
              "  es2 judge train --pyrit ../shared/datasets/pyrit_scorer_evals   # rebuild the semantic head",
     "results": "es2 results --readme README.md      # rewrite the README's results block from artifacts/evaluate",
+    "pipeline dvc-yaml": "es2 pipeline dvc-yaml > dvc.yaml    # after editing the stage table in es2/pipeline.py",
     "evaluate": "es2 evaluate                 # the trained adapter vs the model training started from\n"
                 "  es2 evaluate --model artifacts/train/adapter --harmful harmful_behaviors.csv "
                 "--limit 20 --attacks direct,prefill --baseline smollm2-135m-instruct --out /tmp/eval",
@@ -72,18 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     val = add(sub, "validate", "validate", "check data quality with a Great Expectations suite")
     val.add_argument("--harmful", type=Path, help="harmful file (default: data.train_harmful)")
     val.add_argument("--harmless", type=Path, help="harmless file (default: data.train_harmless)")
-    val.add_argument("--out", type=Path, default=Path("artifacts/validation"), help="report and Data Docs folder")
+    val.add_argument("--out", type=Path, default=Path(stage("validate").out_dir), help="report and Data Docs folder")
 
     pairs = add(sub, "pairs", "pairs", "pair each harmful prompt with harmless ones (hard negatives)")
-    pairs.add_argument("--out", type=Path, default=Path("artifacts/pairs"))
+    pairs.add_argument("--out", type=Path, default=Path(stage("pairs").out_dir))
 
     align = add(sub, "align", "align", "refusal warm-start: LoRA SFT to refuse, merged into a new base")
-    align.add_argument("--out", type=Path, default=Path("artifacts/align"))
-    align.add_argument("--pairs", type=Path, default=Path("artifacts/pairs"), help="pairs folder")
+    align.add_argument("--out", type=Path, default=Path(stage("align").out_dir))
+    align.add_argument("--pairs", type=Path, default=Path(stage("pairs").out_dir), help="pairs folder")
 
     train = add(sub, "train", "train", "fine-tune with ES2 (or a baseline: train.method) on the pairs")
-    train.add_argument("--out", type=Path, default=Path("artifacts/train"))
-    train.add_argument("--pairs", type=Path, default=Path("artifacts/pairs"), help="pairs folder")
+    train.add_argument("--out", type=Path, default=Path(stage("train").out_dir))
+    train.add_argument("--pairs", type=Path, default=Path(stage("pairs").out_dir), help="pairs folder")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
 
     ev = add(sub, "evaluate", "evaluate", "attack, judge and measure a model (any model, any prompt file)")
@@ -95,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--attacks", help="comma list of: direct,template,prefill,injection,scav,repe,softprompt,gcg")
     ev.add_argument("--limit", type=int, help="prompts per set")
     ev.add_argument("--compare", help="comma list of further models shown side by side (default: evaluate.compare)")
-    ev.add_argument("--out", type=Path, default=Path("artifacts/evaluate"))
+    ev.add_argument("--out", type=Path, default=Path(stage("evaluate").out_dir))
 
     judge = add(sub, "judge", "judge", "say for each response whether it is a refusal (true) or complies (false)")
     judge.add_argument("responses", help="JSONL or CSV with columns prompt and response (others are kept); "
@@ -112,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     judge.add_argument("--seed", type=int, default=0, help="train: the split and cross-validation seed")
 
     res = add(sub, "results", "results", "the README's measured-results block, rendered from an evaluation")
-    res.add_argument("--eval", type=Path, default=Path("artifacts/evaluate"), help="es2 evaluate output folder")
+    res.add_argument("--eval", type=Path, default=Path(stage("evaluate").out_dir), help="es2 evaluate output folder")
     res.add_argument("--readme", type=Path, help="rewrite this file's results block (default: print it)")
 
     run = add(sub, "run", "run", "run the whole pipeline as a Prefect flow (stages through DVC, then registry)")
@@ -120,133 +124,157 @@ def _parser() -> argparse.ArgumentParser:
     add(sub, "serve", "serve", "serve the scheduled Prefect deployment es2-pipeline/nightly from this process")
     add(sub, "register", "register", "log the pipeline run and register the model (alias challenger)")
     add(sub, "promote", "promote", "promote the challenger to champion when every gate passes")
+
+    pipe = sub.add_parser("pipeline", help="the stage table").add_subparsers(dest="action", required=True)
+    add(pipe, "dvc-yaml", "pipeline dvc-yaml", "print dvc.yaml as rendered from the stage table (es2/pipeline.py)")
     return parser
 
 
-def _run(args, argv: list[str] | None = None) -> int:
-    from es2.config import load_params
+def _validate(args, params) -> int:
+    from es2.stages.validate import run_validate
 
+    report = run_validate(params, args.out, args.harmful, args.harmless)
+    print(report.summary())
+    return 0 if report.success else 1
+
+
+def _pairs(args, params) -> int:
+    from es2.runtime import set_threads
+    from es2.stages.pairs import run_pairs
+
+    set_threads()
+    stats = run_pairs(params, args.out)
+    for split, s in stats["splits"].items():
+        print(f"{split:5s}: {s['pairs']} pairs ({s['harmful']} harmful x {stats['neighbours']}), "
+              f"median similarity {s['similarity']['q50']:.3f}")
+    print(f"wrote {args.out}/{{train,val,eval}}.jsonl, stats.json, similarity.png")
+    return 0
+
+
+def _align(args, params) -> int:
+    from es2.runtime import set_threads
+    from es2.stages.align import run_align
+
+    set_threads()
+    metrics = run_align(params, args.out, args.pairs)
+    if metrics["enabled"]:
+        for when in ("before", "after"):
+            m = metrics[when]
+            print(f"{when:6s}: refusal on held-out harmful {m['refusal_jbb']['rate']:.0%} (JBB) "
+                  f"{m['refusal_qi']['rate']:.0%} (Qi); over-refusal on harmless "
+                  f"{m['over_refusal_jbb']['rate']:.0%} (JBB) {m['over_refusal_qi']['rate']:.0%} (Qi)")
+    print(f"wrote {args.out}/metrics.json" + (" and adapter/" if metrics["enabled"] else " (align disabled)"))
+    return 0
+
+
+def _train(args, params) -> int:
+    from es2.launch import needs_launcher, relaunch
+
+    if needs_launcher(params.train):
+        return relaunch(params.train, args.argv)
+    from es2.runtime import set_threads
+    from es2.stages.train import run_train
+
+    set_threads()
+    metrics = run_train(params, args.out, args.pairs, args.resume)
+    if metrics:
+        print(f"held-out d' {metrics['heldout_dprime_base']:.3f} -> {metrics['heldout_dprime_trained']:.3f} "
+              f"(x{metrics['heldout_dprime_ratio']:.2f}), hidden norm change "
+              f"{metrics['heldout_norm_change']:+.1%}, KL on harmless {metrics['heldout_kl_harmless']:.4f} nats/token")
+        print(f"wrote {args.out}/adapter, metrics.json, curve.csv, curve.png")
+    return 0
+
+
+def _evaluate(args, params) -> int:
+    import json
+
+    from es2.config import load_params
+    from es2.headline import HeadlineRow
+    from es2.report import summary_text
+    from es2.runtime import set_threads
+    from es2.stages.evaluate import run_evaluate
+
+    set_threads()
+    attacks = args.attacks.split(",") if args.attacks else None
+    if attacks:
+        params = load_params(args.params, (*args.overrides, f"evaluate.attacks={attacks}"))
+    baseline = None if args.baseline == "none" else args.baseline
+    metrics = run_evaluate(params, args.out, args.model, baseline, args.harmful, args.benign, None, args.limit,
+                           args.compare.split(",") if args.compare else None)
+    headline = json.loads((Path(args.out) / "headline.json").read_text(encoding="utf-8"))
+    print(summary_text(metrics, [HeadlineRow(**r) for r in headline["rows"]], headline["verdict"],
+                       params.registry.gates.alpha, params.evaluate.headline_judge,
+                       headline["context"].get("efforts", [])))
+    print(f"wrote {args.out}/report.html, metrics.json, examples.jsonl")
+    return 0
+
+
+def _register(args, params) -> int:
+    from es2.stages.registry import run_register
+
+    result = run_register(params, Path(ARTIFACTS))
+    print(f"run {result['run_id']}: registered {result['model_name']} version {result['version']} "
+          f"({result['model_uri']}, tracking {result['tracking_uri']})")
+    return 0
+
+
+def _promote(args, params) -> int:
+    from es2.stages.registry import run_promote
+
+    decision = run_promote(params)
+    print(decision.table_text())
+    print("promoted: challenger is now champion" if decision.promoted else "not promoted: champion unchanged")
+    return 0  # a rejected challenger is a normal outcome, not a failure
+
+
+def _flow(args, params) -> int:
+    """`es2 run` and `es2 serve` hand over to the flows package in a process of its own: flows orchestrate es2's
+    stages from above (through DVC), so es2 never imports them. The params were checked before this starts."""
+    cmd = [sys.executable, "-m", "flows", args.command]
+    if args.command == "run":
+        cmd += [*(["--no-register"] if args.no_register else []), *(a for o in args.overrides for a in ("--set", o))]
+    return subprocess.call(cmd)
+
+
+# the commands that read params.yaml; the DVC stages among them are named as in es2/pipeline.py
+PARAMS_COMMANDS = {"validate": _validate, "pairs": _pairs, "align": _align, "train": _train, "evaluate": _evaluate,
+                   "register": _register, "promote": _promote, "run": _flow, "serve": _flow}
+
+
+def _run(args) -> int:
+    if args.command in PARAMS_COMMANDS:
+        from es2.config import load_params
+
+        return PARAMS_COMMANDS[args.command](args, load_params(args.params, tuple(args.overrides)))
     if args.command == "model":
         from es2.modeling import prepare_default_model
 
         print(f"default model ready: {prepare_default_model(force=args.force)}")
         return 0
     if args.command == "data":
-        from es2.data.importers import import_records, parse_column_mapping, write_records
+        return _import_data(args)
+    if args.command == "pipeline":
+        from es2.pipeline import dvc_yaml
 
-        columns = parse_column_mapping(args.columns) if args.columns else None
-        tokens = ()
-        if args.model:
-            from es2.data.prompt_checks import special_token_strings
-            from es2.modeling import load_tokenizer
-
-            tokens = special_token_strings(load_tokenizer(args.model))
-        records = import_records(args.format, args.input, args.label, columns, args.source, tokens)
-        write_records(records, args.output)
-        print(f"wrote {len(records)} records to {args.output}")
+        print(dvc_yaml(), end="")
         return 0
-    if args.command in ("judge", "results"):
-        return _judge_or_results(args)
-    params = load_params(args.params, tuple(args.overrides))
-    if args.command == "validate":
-        from es2.stages.validate import run_validate
+    return _judge_or_results(args)
 
-        report = run_validate(params, args.out, args.harmful, args.harmless)
-        print(report.summary())
-        return 0 if report.success else 1
-    if args.command == "pairs":
-        from es2.runtime import set_threads
-        from es2.stages.pairs import run_pairs
 
-        set_threads()
-        stats = run_pairs(params, args.out)
-        for split, s in stats["splits"].items():
-            print(f"{split:5s}: {s['pairs']} pairs ({s['harmful']} harmful x {stats['neighbours']}), "
-                  f"median similarity {s['similarity']['q50']:.3f}")
-        print(f"wrote {args.out}/{{train,val,eval}}.jsonl, stats.json, similarity.png")
-        return 0
-    if args.command == "align":
-        from es2.runtime import set_threads
-        from es2.stages.align import run_align
+def _import_data(args) -> int:
+    from es2.data.importers import import_records, parse_column_mapping, write_records
 
-        set_threads()
-        metrics = run_align(params, args.out, args.pairs)
-        if metrics["enabled"]:
-            for when in ("before", "after"):
-                m = metrics[when]
-                print(f"{when:6s}: refusal on held-out harmful {m['refusal_jbb']['rate']:.0%} (JBB) "
-                      f"{m['refusal_qi']['rate']:.0%} (Qi); over-refusal on harmless "
-                      f"{m['over_refusal_jbb']['rate']:.0%} (JBB) {m['over_refusal_qi']['rate']:.0%} (Qi)")
-        print(f"wrote {args.out}/metrics.json" + (" and adapter/" if metrics["enabled"] else " (align disabled)"))
-        return 0
-    if args.command == "train":
-        from es2.launch import needs_launcher, relaunch
+    columns = parse_column_mapping(args.columns) if args.columns else None
+    tokens = ()
+    if args.model:
+        from es2.data.prompt_checks import special_token_strings
+        from es2.modeling import load_tokenizer
 
-        if needs_launcher(params.train):
-            return relaunch(params.train, sys.argv[1:] if argv is None else argv)
-        from es2.runtime import set_threads
-        from es2.stages.train import run_train
-
-        set_threads()
-        metrics = run_train(params, args.out, args.pairs, args.resume)
-        if metrics:
-            print(f"held-out d' {metrics['heldout_dprime_base']:.3f} -> {metrics['heldout_dprime_trained']:.3f} "
-                  f"(x{metrics['heldout_dprime_ratio']:.2f}), hidden norm change "
-                  f"{metrics['heldout_norm_change']:+.1%}, KL on harmless {metrics['heldout_kl_harmless']:.4f} nats/token")
-            print(f"wrote {args.out}/adapter, metrics.json, curve.csv, curve.png")
-        return 0
-    if args.command == "evaluate":
-        from es2.runtime import set_threads
-        from es2.stages.evaluate import run_evaluate
-
-        set_threads()
-        attacks = args.attacks.split(",") if args.attacks else None
-        if attacks:
-            params = load_params(args.params, (*args.overrides, f"evaluate.attacks={attacks}"))
-        baseline = None if args.baseline == "none" else args.baseline
-        metrics = run_evaluate(params, args.out, args.model, baseline, args.harmful, args.benign, None, args.limit,
-                               args.compare.split(",") if args.compare else None)
-        import json
-
-        from es2.headline import HeadlineRow
-        from es2.report import summary_text
-
-        headline = json.loads((Path(args.out) / "headline.json").read_text(encoding="utf-8"))
-        print(summary_text(metrics, [HeadlineRow(**r) for r in headline["rows"]], headline["verdict"],
-                           params.registry.gates.alpha, params.evaluate.headline_judge,
-                           headline["context"].get("efforts", [])))
-        print(f"wrote {args.out}/report.html, metrics.json, examples.jsonl")
-        return 0
-    if args.command in ("run", "serve"):
-        from es2.runtime import prefect_environment
-
-        prefect_environment()
-        if args.command == "serve":
-            from flows.serve import main as serve
-
-            serve(repo=".")
-            return 0
-        from flows.pipeline import pipeline
-
-        overrides = dict(o.split("=", 1) for o in args.overrides) or None
-        state = pipeline(repo=".", register=not args.no_register, params_overrides=overrides, return_state=True)
-        print(f"flow run {state.name}: {state.message or ''}")
-        return 0 if state.is_completed() else 1
-    if args.command == "register":
-        from es2.stages.registry import run_register
-
-        result = run_register(params, Path("artifacts"))
-        print(f"run {result['run_id']}: registered {result['model_name']} version {result['version']} "
-              f"({result['model_uri']}, tracking {result['tracking_uri']})")
-        return 0
-    if args.command == "promote":
-        from es2.stages.registry import run_promote
-
-        decision = run_promote(params)
-        print(decision.table_text())
-        print("promoted: challenger is now champion" if decision.promoted else "not promoted: champion unchanged")
-        return 0  # a rejected challenger is a normal outcome, not a failure
-    raise AssertionError(args.command)
+        tokens = special_token_strings(load_tokenizer(args.model))
+    records = import_records(args.format, args.input, args.label, columns, args.source, tokens)
+    write_records(records, args.output)
+    print(f"wrote {len(records)} records to {args.output}")
+    return 0
 
 
 def _judge_or_results(args) -> int:
@@ -290,8 +318,9 @@ def _judge_or_results(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # a multi-process train relaunches itself with them
     try:
-        return _run(args, argv)
+        return _run(args)
     except ES2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

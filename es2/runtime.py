@@ -43,10 +43,3 @@ def set_threads() -> int:
     torch.set_num_threads(n)
     return n
 
-
-def prefect_environment() -> None:
-    """Defaults that make a local Prefect run work on a small machine, unless the user set them: the ephemeral
-    server needs ~17 s to start on 2 cores (the default timeout is 20 s), and analytics would phone home."""
-    for key, value in {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}.items():
-        os.environ.setdefault(key, value)

@@ -6,7 +6,7 @@ promote call the `es2` CLI. No stage logic lives here.
 
 Parameters:
 - `repo`: the project root (DVC needs it as the working directory).
-- `stages`: the DVC stages to run, in order (default: all five).
+- `stages`: the DVC stages to run, in order (default: every stage of the table in es2/pipeline.py).
 - `register`: after the stages, `es2 register` (challenger) then `es2 promote` (gated champion move).
 - `params_overrides`: {"train.steps": 200, ...}. When given, each stage runs as `dvc exp run --single-item STAGE
   -S key=value ...` instead of `dvc repro`: DVC writes the values into params.yaml (they stay there, as after any
@@ -40,19 +40,20 @@ from prefect.states import Failed
 from prefect.tasks import exponential_backoff
 
 from es2.locking import RunLock, RunLocked
+from es2.pipeline import STAGES, stage
 
 # Prefect validates parameters with a pydantic model whose base class has a `register` attribute; the parameter
 # works (checked in tests), only the warning is noise.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
-DVC_STAGES = ["validate", "pairs", "align", "train", "evaluate"]
+DVC_STAGES = [s.name for s in STAGES]
 REPORTS = {  # links in the run summary, when the file exists
-    "validation Data Docs": "artifacts/validation/data_docs/index.html",
-    "pair similarity": "artifacts/pairs/similarity.png",
-    "training curve": "artifacts/train/curve.png",
-    "evaluation report": "artifacts/evaluate/report.html",
+    "validation Data Docs": stage("validate").path("data_docs/index.html"),
+    "pair similarity": stage("pairs").path("similarity.png"),
+    "training curve": stage("train").path("curve.png"),
+    "evaluation report": stage("evaluate").path("report.html"),
 }
-EVAL_METRICS = "artifacts/evaluate/metrics.json"
+EVAL_METRICS = stage("evaluate").path("metrics.json")
 FAILURE_TAIL_CHARS = 4000
 
 
