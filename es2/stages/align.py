@@ -10,9 +10,7 @@ starts from, is built once into the cache, keyed by the adapter's content hash.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,38 +41,16 @@ def refusal_rates(model, tokenizer, harmful: list[str], harmless: list[str], max
     return out
 
 
-def _adapter_digest(adapter: Path) -> str:
-    digest = hashlib.sha256()
-    for f in sorted(adapter.glob("*")):
-        digest.update(f.name.encode() + f.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def aligned_model_dir(params: Params, align_dir: Path = ALIGN_DIR) -> Path:
     """The warm-started base: the configured model with the align adapter merged in, built once in the cache."""
-    from es2.modeling import cache_dir, load_causal_lm
+    from es2.modeling import merged_model_dir
 
     adapter = align_dir / "adapter"
     if not (adapter / "adapter_config.json").exists():
         raise ConfigError(f"the refusal warm-start adapter {adapter} is missing",
                           "run `es2 align` (or `dvc repro align`) first, or set align.enabled: false")
-    target = cache_dir() / "models" / f"aligned-{_adapter_digest(adapter)}"
-    if (target / "config.json").exists():
-        return target
-    from peft import PeftModel
-
-    model, tokenizer = load_causal_lm(params.model.name_or_path, params.model.revision,
-                                      params.model.trust_remote_code, params.model.dtype)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        merged.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return merged_model_dir(adapter, params.model.name_or_path, params.model.revision,
+                            params.model.trust_remote_code, params.model.dtype)
 
 
 def run_align(params: Params, out_dir: str | Path = ALIGN_DIR, pairs_dir: str | Path = "artifacts/pairs") -> dict:
@@ -85,7 +61,7 @@ def run_align(params: Params, out_dir: str | Path = ALIGN_DIR, pairs_dir: str | 
     from es2.data.schema import read_jsonl
     from es2.features import collate, encode_chat, lm_inputs, refusal_for
     from es2.generation import generate
-    from es2.modeling import load_causal_lm
+    from es2.modeling import load_causal_lm, make_portable
     from es2.stages.train import training_arguments
 
     cfg, out_dir = params.align, Path(out_dir)
@@ -134,6 +110,7 @@ def run_align(params: Params, out_dir: str | Path = ALIGN_DIR, pairs_dir: str | 
     staging = out_dir / ".adapter.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
+    make_portable(staging)  # names the base model by its alias, not this machine's cache path
     shutil.rmtree(out_dir / "adapter", ignore_errors=True)
     staging.rename(out_dir / "adapter")
     metrics = {"enabled": True, "steps": cfg.steps, "train_harmful": len(harmful), "train_harmless": len(harmless),

@@ -218,7 +218,7 @@ def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir
               resume: bool = False) -> dict:
     from peft import LoraConfig, get_peft_model
     from es2.geometry import separation_summary, states_and_kl
-    from es2.modeling import load_causal_lm
+    from es2.modeling import load_causal_lm, make_portable
     from es2.trainer import ES2Trainer, precompute_reference
 
     cfg, out_dir = params.train, Path(out_dir)
@@ -265,6 +265,7 @@ def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir
     trainer.save_model(str(staging))  # every rank takes part: FSDP and ZeRO-3 gather the weights here
     if not trainer.is_world_process_zero():
         return {}
+    make_portable(staging)  # names the warm start so that the adapter loads after `dvc pull` elsewhere
     shutil.rmtree(out_dir / "adapter", ignore_errors=True)
     staging.rename(out_dir / "adapter")
 
