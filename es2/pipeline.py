@@ -63,7 +63,9 @@ STAGES: tuple[Stage, ...] = (
           outs=("train.jsonl", "val.jsonl", "eval.jsonl"), uncached=("similarity.png",), metrics=("stats.json",)),
     Stage("align", "align", "es2.stages.align",
           inputs=(f"{ARTIFACTS}/pairs/train.jsonl", f"{ARTIFACTS}/pairs/val.jsonl", _JUDGE_HEAD, _RECOVERIES),
-          params=("model", "align", "train.gradient_checkpointing"),
+          # align trains through train's training arguments with its own steps, batch, rate and seed
+          params=("model", "align", "train.gradient_checkpointing", "train.lr_schedule", "train.warmup_steps",
+                  "train.weight_decay", "train.precision"),
           outs=("adapter",), metrics=("metrics.json",)),
     Stage("train", "train", "es2.stages.train",
           inputs=(f"{ARTIFACTS}/pairs/train.jsonl", f"{ARTIFACTS}/pairs/val.jsonl",

@@ -1,6 +1,8 @@
 import pytest
+import yaml
+from pydantic import BaseModel
 
-from es2.config import load_params
+from es2.config import Params, load_params
 from es2.errors import ConfigError
 
 
@@ -48,6 +50,38 @@ def test_override_sets_a_leaf_and_rejects_garbage():
         load_params("params.yaml", ("pairs.neighbours",))
 
 
-def test_missing_params_file_other_than_default_fails(tmp_path):
+def test_missing_params_file_fails_even_under_the_default_name(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "nope.yaml")
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: no silent fallback to defaults in code
+    with pytest.raises(ConfigError, match="params.yaml: params file not found") as err:
+        load_params()
+    assert "--params" in err.value.hint
+
+
+def _sections(model: type[BaseModel], prefix: str = ""):
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{info.alias or name}"
+        yield key, info
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            yield from _sections(sub, f"{key}.")
+        elif getattr(sub, "__origin__", None) is dict:  # evaluate.profiles: name -> budgets
+            yield from _sections(sub.__args__[1], f"{key}.<name>.")
+
+
+def test_params_yaml_is_the_only_home_of_defaults():
+    with_default = [key for key, info in _sections(Params) if not info.is_required()]
+    assert not with_default, f"code defaults beside params.yaml: {with_default}"
+
+
+def test_a_key_missing_from_params_yaml_is_refused_by_name(tmp_path):
+    raw = yaml.safe_load(open("params.yaml", encoding="utf-8"))
+    del raw["evaluate"]["profiles"]["standard"]["gcg_prompts"]
+    del raw["train"]["weight_decay"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert "missing key 'train.weight_decay'" in str(err.value)
+    assert "missing key 'evaluate.profiles.standard.gcg_prompts'" in str(err.value)

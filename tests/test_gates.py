@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from es2.config import GateParams
+from es2.config import GateParams, load_params
 from es2.gates import Unpaired, decide, dsr_gain_passes, paired_dsr
 from es2.stats import mcnemar_exact
+from tests.conftest import REPO
 
 T, F = True, False
 # only the DSR gain gate, so each test reads one row
-ONLY_GAIN = dict(min_effort_gain=None, max_kl=None, max_over_refusal=None, min_mc_accuracy=None)
+ONLY_GAIN = dict(load_params(REPO / "params.yaml").registry.gates.model_dump(), min_effort_gain=None,
+                 max_kl=None, max_over_refusal=None, min_mc_accuracy=None)
 
 
 def outcomes(attacks: dict[str, list[bool]], judge: str = "semantic", keys: list[str] | None = None) -> dict:
@@ -22,7 +24,8 @@ def outcomes(attacks: dict[str, list[bool]], judge: str = "semantic", keys: list
 
 
 def gain_row(challenger, champion, **gates):
-    rows, reasons = decide({}, {}, GateParams(attacks=["direct"], **{**ONLY_GAIN, **gates}), challenger, champion)
+    gate_params = GateParams(**{**ONLY_GAIN, "attacks": ["direct"], **gates})
+    rows, reasons = decide({}, {}, gate_params, challenger, champion)
     (row,) = rows
     return row, reasons
 
@@ -93,6 +96,7 @@ def test_margins():
 
 
 def test_without_a_champion_the_gain_gate_is_skipped():
-    rows, reasons = decide({"evaluate/asr/direct/semantic": 0.2}, None, GateParams(attacks=["direct"], **ONLY_GAIN))
+    gate_params = GateParams(**{**ONLY_GAIN, "attacks": ["direct"]})
+    rows, reasons = decide({"evaluate/asr/direct/semantic": 0.2}, None, gate_params)
     assert rows[0].passed and "skipped" in rows[0].threshold and rows[0].challenger == pytest.approx(0.8)
     assert not reasons

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.conftest import FIXTURES, make_records
+from tests.conftest import FIXTURES, REPO, make_records
 
-from es2.config import ValidateParams
+from es2.config import load_params
 from es2.data.importers import FORMATS, detect_format, import_records
 from es2.data.prompt_checks import control_character, special_token, special_token_strings
 from es2.data.schema import read_records
@@ -27,7 +27,7 @@ BOM = b"\xef\xbb\xbf"
 # The special tokens of tests/tiny_model's tokenizer (checked below against the real tokenizer).
 TINY_TOKENS = ("<pad>", "<unk>", "<|im_end|>", "<|im_start|>")
 # Each fixture file holds three records, so the row-count floor is lowered to fit.
-PARAMS = ValidateParams(min_rows=3)
+PARAMS = load_params(REPO / "params.yaml").validate_.model_copy(update={"min_rows": 3})
 
 
 def validate(tmp_path: Path, harmful: Path, special_tokens: tuple[str, ...] = ()):

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from es2.config import ValidateParams
+from es2.config import ValidateParams, load_params
 from es2.data.validation import max_jaccard, normalise, shingles, validate_datasets
 from es2.io import write_jsonl
-from tests.conftest import make_records
+from tests.conftest import REPO, make_records
 
-PARAMS = ValidateParams()  # min_rows 20, min_chars 8, max_chars 2000, share 0.2-0.8, Jaccard 0.8
+# min_rows 20, min_chars 8, max_chars 2000, share 0.2-0.8, Jaccard 0.8
+PARAMS = load_params(REPO / "params.yaml").validate_
 VALID = {
     "train_harmful": make_records("harmful", 24, "weapon"),
     "train_harmless": make_records("harmless", 24, "recipe"),
