@@ -146,6 +146,15 @@ def _ordered_budget(value: tuple[float, float]) -> tuple[float, float]:
 Budget = Annotated[tuple[float, float], AfterValidator(_ordered_budget)]
 
 
+def _depth_band(value: tuple[float, float]) -> tuple[float, float]:
+    if not 0 < value[0] <= value[1] <= 1:
+        raise ValueError(f"need fractions of the depth with 0 < low <= high <= 1, got {list(value)}")
+    return value
+
+
+DepthBand = Annotated[tuple[float, float], AfterValidator(_depth_band)]
+
+
 class AttackBudgets(Section):
     """The budgets of one evaluation profile (evaluate.profiles): what the costly attacks may spend per prompt."""
 
@@ -201,6 +210,9 @@ class EvaluateParams(Section):
     repe_coefficients: list[float] = Field(description="fixed steering strengths reported as ASR, "
                                                        "in units of the layer's mean state norm")
     repe_effort: Budget = Field(description="[low, high] RepE coefficient searched")
+    repe_direction: Literal["mean_difference", "pca"] = Field(
+        description="RepE reading vector: difference of class means, or PCA of paired differences")
+    repe_band: DepthBand = Field(description="[low, high] steered layers as fractions of the model's depth")
     softprompt_tokens: int = Field(ge=1)
     softprompt_lr: float = Field(gt=0)
     objective: Literal["target", "anti_recovery"] = Field(

@@ -1,6 +1,6 @@
 """Sanity checks that keep the attacks honest: on the embedded default model after the real refusal warm start
 (`dvc repro align` on the shipped sample data), each embedding-space attack must beat the plain request by a
-clear, paired margin (RepE does not yet: its test is a strict expected failure saying why). An attack that cannot beat a plain request on a weakly aligned 135M model measures
+clear, paired margin. An attack that cannot beat a plain request on a weakly aligned 135M model measures
 nothing. Minutes of CPU: marked slow (CI runs it)."""
 
 import os
@@ -79,21 +79,17 @@ def test_scav_beats_the_direct_request_on_the_warm_started_default_model(warm_st
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured: on the warm-started default model RepE's steered answers turn "
-                                       "incoherent before they comply, so the headline judge counts no prompt as "
-                                       "broken at any coefficient up to 1 (the keyword lists count the gibberish "
-                                       "as compliance); strict, so a RepE that starts working fails this marker")
 def test_repe_beats_the_direct_request_on_the_warm_started_default_model(warm_start, setting):
     from es2.attacks import representation
     from es2.attacks.hooks import num_layers
 
     model, tok, params, _, _ = warm_start
     judge, prompts, direct, (h, s), common = setting
-    band = representation.default_band(num_layers(model))
-    n = min(len(h[band[0]]), len(s[band[0]]))
-    directions = {layer: representation.repe_direction(h[layer][:n], s[layer][:n]) for layer in band}
+    cfg = params.evaluate
+    band = representation.steering_band(num_layers(model), *cfg.repe_band)
+    directions = {layer: representation.repe_direction(h[layer], s[layer], cfg.repe_direction) for layer in band}
     # the coefficient is chosen per prompt, as the effort search does: one fixed strength under-reports RepE
-    repe = representation.repe_effort(model, tok, prompts, directions, judge, None, *params.evaluate.repe_effort,
+    repe = representation.repe_effort(model, tok, prompts, directions, judge, None, *cfg.repe_effort,
                                       rounds=0, **common)
     _beats("RepE (coefficient per prompt)", [b is not None for b in repe.budgets], direct)
 

@@ -6,7 +6,7 @@ import torch
 from es2.attacks import AttackResult
 from es2.attacks.hooks import all_layers, hooked, last_token_states, layer_modules
 from es2.attacks.representation import (
-    Probe, attacked_layers, fit_probes, repe, repe_direction, repe_effort, scav, scav_hooks, scav_shift,
+    Probe, attacked_layers, fit_probes, repe, repe_direction, repe_effort, scav, scav_hooks, scav_shift, steering_band,
 )
 from es2.generation import chat_prompts, generate
 from es2.modeling import load_causal_lm
@@ -245,13 +245,33 @@ def test_repe_effort_finds_the_coefficient_that_flips_the_first_token(lm):
         assert want <= got * (1 + 1e-4) and got <= want * precision * (1 + 1e-4), (got, want)
 
 
-def test_repe_direction_sign_and_unit_norm():
+@pytest.mark.parametrize("method", ["mean_difference", "pca"])
+def test_repe_direction_sign_and_unit_norm(method):
     harmful, harmless = _separable(n=20, d=6)
-    v = repe_direction(harmful[3], harmless[3])
+    v = repe_direction(harmful[3], harmless[3], method)
     assert float(v.norm()) == pytest.approx(1.0, abs=1e-6)
     assert float(harmful[3].mean(0) @ v) > float(harmless[3].mean(0) @ v)
     assert abs(float(v[0])) > 0.9  # the separating axis
-    assert torch.allclose(repe_direction(harmless[3], harmful[3]), -v, atol=1e-6)
+    assert torch.allclose(repe_direction(harmless[3], harmful[3], method), -v, atol=1e-6)
+
+
+def test_mean_difference_direction_is_the_normalised_gap_of_the_class_means():
+    harmful = torch.tensor([[3.0, 0.0], [5.0, 2.0], [4.0, 1.0]])  # mean (4, 1)
+    harmless = torch.tensor([[1.0, 1.0], [1.0, -1.0]])  # mean (1, 0): unpaired, fewer rows
+    assert torch.allclose(repe_direction(harmful, harmless), torch.tensor([3.0, 1.0]) / 10 ** 0.5, atol=1e-6)
+    with pytest.raises(ValueError, match="'mean_difference' or 'pca'"):
+        repe_direction(harmful, harmless, "lda")
+
+
+@pytest.mark.parametrize("depth, band, layers", [(30, (0.4, 0.6), list(range(12, 19))), (4, (0.4, 0.6), [2]),
+                                                 (2, (0.01, 0.02), [1]), (12, (1.0, 1.0), [12])])
+def test_steering_band_takes_fractions_of_any_depth(depth, band, layers):
+    assert steering_band(depth, *band) == layers
+
+
+def test_steering_band_refuses_fractions_outside_the_depth():
+    with pytest.raises(ValueError, match="fractions of the depth"):
+        steering_band(30, 0.6, 0.4)
 
 
 def test_probes_fitted_on_states_see_the_same_states_during_the_attack(lm):

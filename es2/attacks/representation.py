@@ -251,26 +251,38 @@ def scav_effort(model, tokenizer, prompts: list[str], probes: dict[int, Probe], 
 # RepE
 
 
-def repe_direction(harmful_states: torch.Tensor, harmless_states: torch.Tensor) -> torch.Tensor:
-    """Unit [D] reading vector: first principal component of the paired differences harmful[i] - harmless[i].
+def repe_direction(harmful_states: torch.Tensor, harmless_states: torch.Tensor,
+                   method: str = "mean_difference") -> torch.Tensor:
+    """Unit [D] reading vector pointing from harmless to harmful states of one layer.
 
-    Uncentred (top right-singular vector of the difference matrix), which equals RepE's centred PCA over
-    pairs in random order (the signs cancel the mean). Sign: harmful states project higher on average.
+    `mean_difference`: mean(harmful) - mean(harmless), the refusal direction of Arditi et al. (2024). `pca`: RepE's
+    reading vector, the first principal component of the paired differences harmful[i] - harmless[i] (the longer
+    set's extra rows unused), uncentred (top right-singular vector of the difference matrix), which equals RepE's
+    centred PCA over pairs in random order (the signs cancel the mean); sign: harmful states project higher.
+    Why mean_difference is the default: on the warm-started 135M model the PCA direction steers the answers into
+    gibberish before any prompt complies, while the mean difference gets coherent compliance at a few percent of
+    the state norm.
     """
-    if harmful_states.shape != harmless_states.shape:
-        raise ValueError(f"paired states differ in shape: {tuple(harmful_states.shape)} vs "
-                         f"{tuple(harmless_states.shape)}")
-    diff = harmful_states.double() - harmless_states.double()
-    v = torch.linalg.svd(diff, full_matrices=False).Vh[0]
-    if (diff @ v).mean() < 0:
-        v = -v
+    if method == "mean_difference":
+        v = harmful_states.double().mean(0) - harmless_states.double().mean(0)
+    elif method == "pca":
+        n = min(len(harmful_states), len(harmless_states))  # pairs the i-th harmful with the i-th harmless
+        diff = harmful_states[:n].double() - harmless_states[:n].double()
+        v = torch.linalg.svd(diff, full_matrices=False).Vh[0]
+        if (diff @ v).mean() < 0:
+            v = -v
+    else:
+        raise ValueError(f"unknown RepE direction method {method!r}: use 'mean_difference' or 'pca'")
     return (v / v.norm()).float()
 
 
-def default_band(num_layers: int) -> list[int]:
-    """hidden_states indices of a steering band: ~25%..45% of the depth (RepE's Llama-2 7B/13B settings)."""
-    lo = max(1, round(0.25 * num_layers))
-    return list(range(lo, max(lo + 1, round(0.45 * num_layers) + 1)))
+def steering_band(num_layers: int, low: float, high: float) -> list[int]:
+    """hidden_states indices of the steered band: the layers from `low` to `high` as fractions of the depth, at
+    least one. A fraction rule works at any depth; RepE's published bands are fixed indices of 7B/13B models."""
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"RepE band [{low}, {high}] must be fractions of the depth with 0 < low <= high <= 1")
+    first = max(1, round(low * num_layers))
+    return list(range(first, max(first, round(high * num_layers)) + 1))
 
 
 def _steer(model, tokenizer, prompts, directions, scales, coefficients: torch.Tensor, max_new_tokens,

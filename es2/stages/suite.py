@@ -140,7 +140,7 @@ def run_attacks(model, tokenizer, harmful: list[dict], spans: dict[str, list[str
 def _representation_attacks(model, tokenizer, prompts, probe_sets, cfg, judge, refused_direct):
     """SCAV as published and RepE at fixed strengths (ASR), and each one's per-prompt effort search."""
     fit_harmful, fit_harmless = probe_sets
-    band = representation.default_band(num_layers(model))  # RepE's band, ~25-45% of depth
+    band = representation.steering_band(num_layers(model), *cfg.repe_band)
     scav_layers = cfg.scav_layers or all_layers(model)
     fit_layers = sorted(set(scav_layers) | set(band))
     h_states = last_token_states(model, tokenizer, fit_harmful, fit_layers, cfg.batch_size)
@@ -163,8 +163,7 @@ def _representation_attacks(model, tokenizer, prompts, probe_sets, cfg, judge, r
                                                min_accuracy=cfg.scav_min_accuracy, **search, **common)
         efforts["scav"] = _effort(found.budgets, cfg.scav_effort[1], "shift norm / median state norm", prompts)
     if "repe" in cfg.attacks:
-        n = min(len(fit_harmful), len(fit_harmless))  # RepE pairs the i-th harmful with the i-th harmless
-        directions = {layer: representation.repe_direction(h_states[layer][:n], s_states[layer][:n])
+        directions = {layer: representation.repe_direction(h_states[layer], s_states[layer], cfg.repe_direction)
                       for layer in band}
         with Timed("repe"):
             # the unit of both: the attacked prompts' own mean state norm per band layer, measured once
