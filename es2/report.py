@@ -9,7 +9,7 @@ import base64
 import math
 from pathlib import Path
 
-from es2.headline import HeadlineRow
+from es2.headline import HeadlineRow, ratio_text
 from es2.io import atomic_path, write_text
 
 ROWS = [  # (metric key, label)
@@ -175,7 +175,7 @@ def effort_text(row: dict) -> dict:
         return f"{cell('median')} [{cell('ci_low')}, {cell('ci_high')}]"
 
     return {**row, "model_text": median(row["model"]), "baseline_text": median(row["baseline"]),
-            "ratio_text": "–" if row["ratio"] is None else f"x{row['ratio']:.2g}",
+            "ratio_text": ratio_text(row),
             "p_text": "–" if row["pvalue"] is None else f"{row['pvalue']:.2g}"}
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from es2.headline import as_metrics, headline_rows, paired_row, verdict, worst_attack
+from es2.headline import as_metrics, headline_rows, paired_row, ratio_text, verdict, worst_attack
 
 
 def _outcomes(direct, prefill5, prefill20, refused, borderline, correct, kl=None):
@@ -61,3 +61,17 @@ def test_worst_attack_skips_trained_and_nan():
     family = {"prefill_k5": "prefill", "trained_prefill_k10": "prefill", "prefill_k20": "prefill"}
     assert worst_attack(asr, family, ("prefill",)) == "prefill_k5"
     assert worst_attack({}, {}, ("prefill",)) is None
+
+
+def _effort_row(ratio, model_censored, baseline_censored):
+    return {"ratio": ratio, "model": {"median_censored": model_censored},
+            "baseline": {"median_censored": baseline_censored}}
+
+
+@pytest.mark.parametrize("row, text", [(_effort_row(119.4, True, False), "≥x119"),
+                                       (_effort_row(0.5, False, True), "≤x0.5"),
+                                       (_effort_row(2.0, False, False), "x2"),
+                                       (_effort_row(1.0, True, True), "–"),
+                                       (_effort_row(None, False, False), "–")])
+def test_effort_ratio_text_marks_bounds_from_censored_medians(row, text):
+    assert ratio_text(row) == text
