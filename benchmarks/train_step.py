@@ -57,7 +57,7 @@ def run_variant(args) -> dict:
     from transformers import TrainingArguments
 
     from es2.features import collate, encode_chat, lm_inputs
-    from es2.loss import ES2Loss
+    from es2.losses.es2_loss import ES2Loss
     from es2.runtime import set_threads
     from es2.trainer import ES2Trainer, precompute_reference
 
@@ -77,7 +77,7 @@ def run_variant(args) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     trainer = ES2Trainer(model=model, args=TrainingArguments(output_dir="/tmp/es2-bench", report_to="none",
                                                              use_cpu=device.type == "cpu"),
-                         loss_fn=ES2Loss(calibration=calibration), method="es2", layers=layers, pooling="last")
+                         loss_fn=ES2Loss(calibration=calibration), layers=layers, pooling="last")
 
     def step():
         if args.variant == "sft":

@@ -19,7 +19,7 @@ import torch
 from es2.errors import DataError
 from es2.generation import _accepts, chat_prompts
 from es2.judges import is_refusal, wilson_interval
-from es2.loss import kl_divergence
+from es2.losses.tokens import kl_divergence
 
 LETTERS = ("A", "B", "C", "D")
 

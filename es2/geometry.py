@@ -1,7 +1,9 @@
-"""Representation geometry on held-out prompts: scale-free separation (d'), hidden norms, and KL to a reference.
+"""Representation geometry of collated [harmful; harmless] batches: the pooled states the trainer and the held-out
+metrics share, scale-free separation (d'), hidden norms, and KL to a reference.
 
 d' = ||mu_H - mu_S|| / sqrt((tr Sigma_H + tr Sigma_S) / 2) on raw (un-normalised) states: a model cannot raise it
-by inflating norms, unlike a raw distance.
+by inflating norms, unlike a raw distance. It is the loss's ``centroid`` distance, here on one process's states
+(evaluation runs on rank 0 alone).
 """
 
 from __future__ import annotations
@@ -9,7 +11,18 @@ from __future__ import annotations
 import torch
 
 from es2.features import collate, lm_inputs
-from es2.loss import kl_divergence, mean_and_spread
+from es2.losses.distances import centroid_distance
+from es2.losses.representations import pool
+from es2.losses.tokens import kl_divergence
+
+
+def pooled(hidden_states, batch: dict, layers: list[int], how: str) -> dict[int, torch.Tensor]:
+    """layer -> [rows, D]: the last prompt token (`last`) or the mean over the user message (`mean`)."""
+    if how == "last":
+        rows = torch.arange(len(batch["rep_index"]), device=batch["rep_index"].device)
+        return {layer: hidden_states[layer][rows, batch["rep_index"]] for layer in layers}
+    return {layer: pool(hidden_states[layer], batch["attention_mask"], "mean", batch["span_mask"])
+            for layer in layers}
 
 
 @torch.no_grad()
@@ -17,8 +30,6 @@ def states_and_kl(model, features: list[dict], layers: list[int], pooling: str, 
                   reference=None, batch_size: int = 16) -> dict:
     """Pooled states {layer: (harmful [n, D], harmless [n, D])}; with `reference` (a context manager yielding
     the frozen model) also the mean per-token KL(reference || model) over harmless prompt tokens."""
-    from es2.trainer import pooled
-
     model.eval()
     harmful, harmless = {layer: [] for layer in layers}, {layer: [] for layer in layers}
     kl_total, kl_tokens = 0.0, 0.0
@@ -39,10 +50,8 @@ def states_and_kl(model, features: list[dict], layers: list[int], pooling: str, 
 
 
 def dprime(harmful: torch.Tensor, harmless: torch.Tensor) -> float:
-    """d' of one layer on this process's states (no collectives: evaluation runs on rank 0 alone)."""
-    mu_h, spread_h = mean_and_spread(harmful)
-    mu_s, spread_s = mean_and_spread(harmless)
-    return float(torch.linalg.vector_norm(mu_h - mu_s) / torch.sqrt((spread_h + spread_s) / 2 + 1e-8))
+    """d' of one layer."""
+    return float(centroid_distance(harmful, harmless))
 
 
 def separation_summary(states: dict) -> dict[str, float]:

@@ -7,7 +7,7 @@ numpy arrays; computed in float64 on the CPU). Metrics:
 - ``centroid_distance``: ``||mu_H - mu_S||`` (raw scale; centring both sets by the pooled mean first leaves it
   unchanged, so it is the "centred centroid distance").
 - ``fisher_ratio``: ``||mu_H - mu_S||^2 / (tr Sigma_H + tr Sigma_S)`` (population covariances; scale-free, the
-  same formula as ``es2.loss.fisher_ratio`` but without collectives or autograd).
+  same formula as ``es2.losses.distances.fisher_ratio``, in numpy).
 - KLDO separation (Haldar et al., metrics.py): PCA(2) fitted on the union of both sets, then in those 2-D
   coordinates ``bhattacharyya_distance`` between Gaussian fits (sample covariances, ddof = 1)
   ``DB = 1/8 dmu^T Sbar^-1 dmu + 1/2 ln(det Sbar / sqrt(det S1 det S2))``, ``Sbar = (S1 + S2) / 2``, its

@@ -1,4 +1,4 @@
-"""es2.loss on hand-worked tensors (torchtune style: the maths in the docstring, then assert_close).
+"""es2.losses on hand-worked tensors (torchtune style: the maths in the docstring, then assert_close).
 
 Running example used by the distance tests (D = 2):
     H = [[1, 0], [3, 0]]   mu_H = (2, 0)   tr Sigma_H = ((1-2)^2 + (3-2)^2) / 2 = 1
@@ -20,19 +20,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.testing import assert_close
 
-from es2.loss import (
-    DISTANCES,
-    ES2Loss,
-    calibrate,
-    causal_lm_loss,
-    distance,
-    gather_with_grad,
-    kl_divergence,
-    normalize,
-    pool,
-    separation_form,
-    world_size,
-)
+from es2.losses.circuit_breakers import circuit_breaker_loss
+from es2.losses.distances import distance, separation_form
+from es2.losses.es2_loss import ES2Loss
+from es2.losses.gather import all_reduce_sums, gather_layers, gather_with_grad, world_size
+from es2.losses.options import DISTANCES
+from es2.losses.representations import calibrate, normalize, pool
+from es2.losses.tokens import causal_lm_loss, kl_divergence
 
 
 @pytest.fixture(autouse=True)
@@ -272,8 +266,8 @@ class TestES2Loss:
                           refusal_weight=2.0)
         ref = torch.tensor([[[math.log(0.5), math.log(0.25), math.log(0.25)]]])
         out = loss_fn({1: harmful, 3: 2 * harmful}, {1: harmless, 3: harmless},
-                      logits=torch.zeros(1, 1, 3), ref_logits=ref, kl_mask=torch.ones(1, 1),
-                      refusal_logits=torch.zeros(1, 2, 3), refusal_labels=torch.tensor([[-100, 1]]))
+                      kl=loss_fn.kl_sum(torch.zeros(1, 1, 3), ref, torch.ones(1, 1)),
+                      refusal=loss_fn.refusal_sum(torch.zeros(1, 2, 3), torch.tensor([[-100, 1]])))
         separation = -(math.sqrt(5) + 3 * math.sqrt(6.8)) / 4
         assert_close(out.per_layer_distance, {1: torch.tensor(math.sqrt(5)), 3: torch.tensor(math.sqrt(6.8))})
         assert_close(out.separation, torch.tensor(separation))
@@ -329,6 +323,8 @@ class TestES2Loss:
             ES2Loss(normalize="none", kl_weight=0.0)({1: harmful}, {1: harmless})
         with pytest.raises(ValueError, match="kl_weight"):
             ES2Loss(form="neg", normalize="none")({1: harmful}, {1: harmless})
+        with pytest.raises(ValueError, match="refusal_weight"):
+            ES2Loss(form="neg", normalize="none", kl_weight=0.0, refusal_weight=1.0)({1: harmful}, {1: harmless})
         with pytest.raises(ValueError, match="same, non-empty layers"):
             ES2Loss(form="neg", normalize="none", kl_weight=0.0)({1: harmful}, {2: harmless})
         with pytest.raises(ValueError, match="not one of"):
@@ -340,8 +336,7 @@ class TestES2Loss:
 
 H_ROWS = (range(0, 3), range(3, 5))  # uneven on purpose: gather_with_grad pads and trims
 S_ROWS = (range(0, 2), range(2, 4))
-PAIRS = (torch.tensor([[0, 0], [1, 1], [2, 0]]), torch.tensor([[0, 1], [1, 0]]))  # local indices per rank
-GLOBAL_PAIRS = torch.tensor([[0, 0], [1, 1], [2, 0], [3, 3], [4, 2]])
+PAIRS = torch.tensor([[0, 0], [1, 1], [2, 0], [3, 3], [4, 2]])  # indices into the gathered (global) batch
 CONFIGS = [
     *({"distance": d, "form": "neg"} for d in DISTANCES),
     {"distance": "pairwise", "form": "neg", "normalize": "unit", "pairs": True},
@@ -372,8 +367,9 @@ def _reps(x: torch.Tensor, w: torch.Tensor) -> dict[int, torch.Tensor]:
     return {3: x @ w, 7: torch.tanh(x @ w)}
 
 
-def _run(p: dict, h_rows, s_rows, pairs, config: dict) -> dict:
-    """Loss, per-layer distances and gradients (w.r.t. the shared W, V and the local inputs) on one shard."""
+def _run(p: dict, h_rows, s_rows, config: dict) -> dict:
+    """Loss, per-layer distances and gradients (w.r.t. the shared W, V and the local inputs) on one shard, through
+    the trainer's boundary: the shard's representations gathered, its token sums added over ranks."""
     config = dict(config)
     use_pairs = config.pop("pairs", False)
     with torch.no_grad():  # calibration on the whole reference batch, identical on every rank
@@ -383,11 +379,12 @@ def _run(p: dict, h_rows, s_rows, pairs, config: dict) -> dict:
     x_h = p["x_h"][list(h_rows)].clone().requires_grad_()
     x_s = p["x_s"][list(s_rows)].clone().requires_grad_()
     loss_fn = ES2Loss(**config, calibration=calibration, kl_weight=0.7, refusal_weight=0.3)
-    out = loss_fn(_reps(x_h, w), _reps(x_s, w),
-                  _reps(x_h.detach(), p["W_ref"]), _reps(x_s.detach(), p["W_ref"]),
-                  logits=p["tok_s"][list(s_rows)] @ v, ref_logits=p["ref_logits"][list(s_rows)],
-                  kl_mask=p["kl_mask"][list(s_rows)], refusal_logits=p["tok_h"][list(h_rows)] @ v,
-                  refusal_labels=p["labels"][list(h_rows)], pairs=pairs if use_pairs else None)
+    s_rows, h_rows = list(s_rows), list(h_rows)
+    kl = loss_fn.kl_sum(p["tok_s"][s_rows] @ v, p["ref_logits"][s_rows], p["kl_mask"][s_rows])
+    refusal = loss_fn.refusal_sum(p["tok_h"][h_rows] @ v, p["labels"][h_rows])
+    out = loss_fn(gather_layers(_reps(x_h, w)), gather_layers(_reps(x_s, w)),
+                  gather_layers(_reps(x_h.detach(), p["W_ref"])), gather_layers(_reps(x_s.detach(), p["W_ref"])),
+                  kl=all_reduce_sums(*kl), refusal=all_reduce_sums(*refusal), pairs=PAIRS if use_pairs else None)
     out.loss.backward()
     return {"loss": out.loss.detach(), "kl": out.kl, "refusal": out.refusal,
             "distance": out.per_layer_distance,
@@ -404,7 +401,7 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         assert world_size() == world
         p, results = _problem(), []
         for config in CONFIGS:
-            r = _run(p, H_ROWS[rank], S_ROWS[rank], PAIRS[rank], config)
+            r = _run(p, H_ROWS[rank], S_ROWS[rank], config)
             for name in ("W", "V"):  # what DDP does to parameter gradients: all-reduce, then divide by N
                 dist.all_reduce(r[name])
                 r[name] /= world
@@ -419,9 +416,10 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     os._exit(0)
 
 
-def test_gather_with_grad_is_identity_on_one_process():
-    t = torch.randn(3, 2)
-    assert world_size() == 1 and gather_with_grad(t) is t
+def test_the_boundary_is_the_identity_on_one_process():
+    t, total, count = torch.randn(3, 2), torch.tensor(2.0), torch.tensor(4.0)
+    assert world_size() == 1 and gather_with_grad(t) is t and gather_layers({1: t})[1] is t
+    assert all_reduce_sums(total, count) == (total, count)
 
 
 @pytest.mark.distributed
@@ -440,7 +438,7 @@ def test_two_processes_equal_one_process(tmp_path):
 
     p = _problem()
     for i, config in enumerate(CONFIGS):
-        single = _run(p, range(5), range(4), GLOBAL_PAIRS, config)
+        single = _run(p, range(5), range(4), config)
         for r in ranks:
             for key in ("loss", "kl", "refusal", "distance", "ref_distance", "norm", "W", "V"):
                 assert_close(r[i][key], single[key], rtol=0, atol=1e-6, msg=lambda m: f"{config} {key}: {m}")
@@ -492,9 +490,32 @@ def test_per_example_loss_is_additive_over_micro_batches():
 
     def run(rows):
         idx = torch.arange(len(rows))
-        return loss({1: h[rows]}, {1: s[rows]}, {1: rh[rows]}, {1: rs[rows]}, logits=logits[rows],
-                    ref_logits=ref_logits[rows], kl_mask=mask[rows], pairs=torch.stack([idx, idx], 1)).loss
+        return loss({1: h[rows]}, {1: s[rows]}, {1: rh[rows]}, {1: rs[rows]},
+                    kl=loss.kl_sum(logits[rows], ref_logits[rows], mask[rows]), pairs=torch.stack([idx, idx], 1)).loss
 
     whole = run(torch.arange(4))
     halves = (run(torch.arange(2)) + run(torch.arange(2, 4))) / 2
     assert whole.item() == pytest.approx(halves.item(), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Circuit breakers
+
+
+def test_circuit_breaker_loss_by_hand():
+    """Layer 1, harmful (one sequence, two tokens): states (3, 4) and (0, 1) against reference (1, 0) twice:
+    cosines 0.6 and 0, reroute 0.3. Harmless (two sequences) against a zero reference: row 0 keeps one token of
+    norm 5, row 1 two tokens of norms 1 and 3 (mean 2): retain is the mean of sequence means, (5 + 2) / 2 = 3.5
+    (a token mean would give 3). Layer 2 doubles every state: cosines unchanged, norms doubled, so over layers
+    reroute = 0.3 and retain = (3.5 + 7) / 2 = 5.25. alpha 2 at progress 1/2: c_rr = 2 (1 - 1/4) = 1.5,
+    c_retain = 2 / 4 = 0.5, loss = 0.45 + 2.625."""
+    harmful = torch.tensor([[[3.0, 4.0], [0.0, 1.0]]], requires_grad=True)
+    ref_harmful = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]], requires_grad=True)
+    harmless = torch.tensor([[[3.0, 4.0], [9.0, 9.0]], [[1.0, 0.0], [0.0, 3.0]]])
+    out = circuit_breaker_loss({1: harmful, 2: 2 * harmful}, {1: ref_harmful, 2: 2 * ref_harmful}, torch.ones(1, 2),
+                               {1: harmless, 2: 2 * harmless}, {1: torch.zeros(2, 2, 2), 2: torch.zeros(2, 2, 2)},
+                               torch.tensor([[1, 0], [1, 1]]), progress=0.5, alpha=2.0)
+    assert_close((out.reroute, out.retain), (torch.tensor(0.3), torch.tensor(5.25)))
+    assert_close(out.loss, torch.tensor(3.075))
+    out.loss.backward()
+    assert harmful.grad.abs().sum() > 0 and ref_harmful.grad is None

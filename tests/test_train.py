@@ -1,5 +1,5 @@
-"""Training on a tiny random Llama: what changes, what must not, and the invariances of the setup
-(2 processes == 1, gradient accumulation == a larger batch, resume after SIGTERM == uninterrupted)."""
+"""Training on a tiny random Llama: what changes, what must not (every method, in memory), and the invariances
+of the setup (2 processes == 1, gradient accumulation == a larger batch, resume after SIGTERM == uninterrupted)."""
 
 import json
 import os
@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from es2.config import load_params
-from es2.stages.train import check_span_source, run_train
+from es2.methods import METHODS
+from es2.modeling import load_causal_lm
+from es2.stages.train import build_trainer, check_span_source, read_pairs, run_train
 from tests.conftest import REPO
 from tests.tiny_model import save_tiny
 
@@ -68,39 +70,55 @@ def _cli(workdir, out, *overrides, resume=False):
     return args + (["--resume"] if resume else [])
 
 
-def test_es2_training_moves_lora_only_and_separates_heldout_prompts(workdir):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+def test_es2_training_separates_heldout_prompts(workdir):
     out = workdir / "es2"
     params = load_params(REPO / "params.yaml", _overrides(workdir, "train.steps=30", "train.batch_size=4"))
     metrics = run_train(params, out, workdir / "pairs")
-    base = AutoModelForCausalLM.from_pretrained(workdir / "model")
-    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workdir / "model"), out / "adapter")
-    lora = {k: v for k, v in trained.named_parameters() if "lora_B" in k}
-    assert lora and all(v.abs().max() > 0 for v in lora.values())  # lora_B starts at zero
-    merged_base = trained.get_base_model().state_dict()
-    for name, weight in base.state_dict().items():
-        key = name.replace("q_proj.weight", "q_proj.base_layer.weight") if "q_proj" in name else name
-        if key in merged_base:
-            assert torch.equal(weight, merged_base[key]), name  # frozen base weights untouched
     assert torch.isfinite(torch.tensor(metrics["final_train_loss"]))
     assert metrics["heldout_dprime_trained"] > metrics["heldout_dprime_base"]
     assert (out / "curve.png").stat().st_size > 1000 and (out / "curve.csv").read_text().startswith("step,loss")
 
 
-@pytest.mark.parametrize("method", ["es2_refusal", "refusal_sft", "circuit_breakers", "es2_trajectory",
-                                    "trajectory"])
-def test_baselines_train_under_the_same_harness(workdir, method):
-    out = workdir / method
-    spans = "base_model" if method == "trajectory" else "target"  # each source of injected spans runs once
-    params = load_params(REPO / "params.yaml", _overrides(workdir, f"train.method={method}", "train.steps=3",
-                                                          "train.batch_size=4", "train.trajectory_steps=[0,2]",
-                                                          "train.trajectory_span_tokens=2",
-                                                          f"train.trajectory_spans={spans}"))
-    metrics = run_train(params, out, workdir / "pairs")
-    assert metrics["method"] == method and torch.isfinite(torch.tensor(metrics["final_train_loss"]))
-    assert (out / "adapter" / "adapter_model.safetensors").exists()
+def _train_in_memory(workdir, tmp_path, *overrides):
+    """(trainer, every parameter before training, the model's own parameter names) after 3 steps of
+    build_trainer's trainer, the stage's own."""
+    params = load_params(REPO / "params.yaml", _overrides(
+        workdir, "train.steps=3", "train.batch_size=4", "train.trajectory_steps=[0,2]",
+        "train.trajectory_span_tokens=2", *overrides))
+    torch.manual_seed(0)
+    model, tokenizer = load_causal_lm(str(workdir / "model"))
+    names = [name for name, _ in model.named_parameters()]
+    trainer = build_trainer(params, model, tokenizer, read_pairs(workdir / "pairs" / "train.jsonl"), tmp_path)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+    return trainer, before, names
+
+
+# each source of injected spans runs once
+SPANS = {"trajectory": "base_model", "es2_trajectory": "target"}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_moves_every_adapter_weight_and_no_base_weight(workdir, tmp_path, method):
+    """TRL's check, in memory: after 3 steps every LoRA matrix (7 modules x 2 blocks x A, B) has moved and every
+    base weight (embeddings, norms, projections, head) is bit-identical."""
+    trainer, before, names = _train_in_memory(workdir, tmp_path, f"train.method={method}",
+                                              f"train.trajectory_spans={SPANS.get(method, 'target')}")
+    after = {name: p.detach() for name, p in trainer.model.named_parameters()}
+    trainable = sorted(name for name, p in trainer.model.named_parameters() if p.requires_grad)
+    assert len(trainable) == 7 * 2 * 2 and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert [n for n in trainable if torch.equal(before[n], after[n])] == []
+    frozen = [n for n in after if n not in trainable]
+    assert sorted(n.removeprefix("base_model.model.").replace(".base_layer", "") for n in frozen) == sorted(names)
+    assert [n for n in frozen if not torch.equal(before[n], after[n])] == []
+
+
+def test_full_finetune_moves_every_weight_and_never_the_frozen_copy(workdir, tmp_path):
+    trainer, before, names = _train_in_memory(workdir, tmp_path, "train.full_finetune=true")
+    assert [n for n, _ in trainer.model.named_parameters()] == names
+    assert [n for n, p in trainer.model.named_parameters() if torch.equal(before[n], p.detach())] == []
+    assert all(torch.equal(before[n], p) for n, p in trainer.ref_model.named_parameters())
 
 
 def test_trajectory_spans_come_from_the_supplied_harmful_responses(workdir, tmp_path, monkeypatch):
@@ -189,3 +207,11 @@ def test_resume_skips_a_checkpoint_left_incomplete_by_an_interrupted_save(tmp_pa
     (tmp_path / "checkpoint-120" / "trainer_state.json").write_text('{"global_st')  # cut mid-write
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-40")
     assert last_complete_checkpoint(tmp_path / "missing") is None
+
+
+def test_a_full_finetune_saves_a_model_that_reloads_with_its_tokenizer(workdir, tmp_path):
+    params = load_params(REPO / "params.yaml", _overrides(workdir, "train.full_finetune=true", "train.steps=1",
+                                                          "train.batch_size=4"))
+    metrics = run_train(params, tmp_path / "full", workdir / "pairs")
+    assert (tmp_path / "full" / "adapter" / "tokenizer_config.json").exists()
+    assert metrics["heldout_kl_harmless"] > 0  # the reloaded model differs from the base it was trained from

@@ -62,7 +62,7 @@ def run_align(params: Params, out_dir: str | Path = ALIGN_DIR, pairs_dir: str | 
     from es2.features import collate, encode_chat, lm_inputs, refusal_for
     from es2.generation import generate
     from es2.modeling import load_causal_lm, make_portable
-    from es2.stages.train import training_arguments
+    from es2.trainer import training_arguments
 
     cfg, out_dir = params.align, Path(out_dir)
     if not cfg.enabled:  # keep the stage's outputs present (DVC checks them) and say why they are empty

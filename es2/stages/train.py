@@ -18,8 +18,9 @@ import torch
 
 from es2.config import Params
 from es2.errors import ConfigError, DataError
-from es2.features import collate, encode_chat, refusal_for
+from es2.features import collate, encode_chat
 from es2.io import write_json
+from es2.stages.align import aligned_model_dir
 
 CURVE_KEYS = ("loss", "loss/separation", "loss/kl", "loss/refusal", "loss/reroute", "loss/retain", "grad_norm")
 
@@ -28,19 +29,6 @@ def read_pairs(path: str | Path) -> list[dict]:
     from es2.data.schema import read_jsonl
 
     return read_jsonl(path)
-
-
-def harmful_training_target(method: str, row: dict) -> str | None:
-    """What follows the harmful prompt in training: a refusal target for the refusal methods, the harmful
-    affirmative prefix for circuit breakers (the states to reroute), nothing for plain ES2."""
-    if method in ("es2_refusal", "refusal_sft"):
-        return refusal_for(row["harmful_id"])
-    if method == "circuit_breakers":
-        return row.get("target") or "Sure, here is how to do that."
-    return None
-
-
-TRAJECTORY_METHODS = ("es2_trajectory", "trajectory")
 
 
 SPAN_FIELDS = {"target": ("target", "target"), "response": ("harmful_response", "response")}  # pair, record field
@@ -61,10 +49,14 @@ def check_span_source(spans: str, rows: list[dict]) -> None:
 
 
 def build_features(rows: list[dict], tokenizer, cfg) -> list[dict]:
+    """Tokenised pairs; the harmful prompt is followed by what train.method trains on (es2.methods)."""
+    from es2.methods import METHODS
+
     if cfg.kl_positions == "response" and not all(r.get("harmless_response") for r in rows):
         raise ConfigError("train.kl_positions=response needs harmless responses in the pairs",
                           "set train.kl_positions: all (or prompt), or add a `response` to the harmless records")
-    return [{"harmful": encode_chat(tokenizer, r["harmful"], harmful_training_target(cfg.method, r), cfg.max_length),
+    target = METHODS[cfg.method].harmful_target
+    return [{"harmful": encode_chat(tokenizer, r["harmful"], target(r) if target else None, cfg.max_length),
              "harmless": encode_chat(tokenizer, r["harmless"], r.get("harmless_response"), cfg.max_length)}
             for r in rows]
 
@@ -118,40 +110,9 @@ def check_layers(layers: list[int], model) -> None:
                           f"pick layers in 1..{top}, e.g. the upper half")
 
 
-def training_arguments(cfg, output_dir: Path):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        # accumulation happens inside ES2Trainer.training_step (exact for batch statistics), so the Trainer
-        # sees the whole accumulated batch
-        output_dir=str(output_dir), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size * cfg.grad_accum,
-        gradient_accumulation_steps=1, learning_rate=cfg.lr, lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
-        save_strategy="steps", seed=cfg.seed, data_seed=cfg.seed, report_to="none",
-        remove_unused_columns=False, dataloader_drop_last=True, use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False}, ddp_find_unused_parameters=False,
-        disable_tqdm=False, save_only_model=False, bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-    )
-
-
-def make_loss(cfg, calibration):
-    from es2.loss import ES2Loss
-
-    refusal_weight = (cfg.refusal_weight if cfg.method in ("es2_refusal", "refusal_sft") else
-                      cfg.recovery_weight if cfg.method in TRAJECTORY_METHODS else 0.0)
-    return ES2Loss(distance=cfg.distance, form=cfg.form, margin=cfg.margin, margin_ratio=cfg.margin_ratio,
-                   normalize=cfg.normalize, calibration=calibration, kl_weight=cfg.kl_weight,
-                   kl_direction=cfg.kl_direction, kl_temperature=cfg.kl_temperature, refusal_weight=refusal_weight,
-                   reduction=cfg.reduction,
-                   separation_weight=0.0 if cfg.method in ("refusal_sft", "trajectory") else 1.0)
-
-
 def base_model_path(params: Params) -> str:
     """The warm-started base when align is enabled (built by the align stage), else the configured model."""
     if params.align.enabled:
-        from es2.stages.align import aligned_model_dir
-
         return str(aligned_model_dir(params))
     return params.model.name_or_path
 
@@ -214,27 +175,18 @@ def _reload(params: Params, saved: Path, full_finetune: bool):
     return trained, partial(frozen_view, trained)
 
 
-def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir: str | Path = "artifacts/pairs",
-              resume: bool = False) -> dict:
+def build_trainer(params: Params, model, tokenizer, train_rows: list[dict], checkpoints: Path):
+    """train.method's trainer (es2.methods) on the training pairs, or on trajectories built from them, with a
+    fresh LoRA adapter on `model` (for full fine-tuning: all of `model`, beside a frozen copy)."""
     from peft import LoraConfig, get_peft_model
-    from es2.geometry import separation_summary, states_and_kl
-    from es2.modeling import load_causal_lm, make_portable
-    from es2.trainer import ES2Trainer, precompute_reference
 
-    cfg, out_dir = params.train, Path(out_dir)
-    started = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    train_rows = read_pairs(Path(pairs_dir) / "train.jsonl")
-    if cfg.method in TRAJECTORY_METHODS:
-        check_span_source(cfg.trajectory_spans, train_rows)
-    model, tokenizer = load_causal_lm(base_model_path(params), params.model.revision,
-                                      params.model.trust_remote_code, params.model.dtype)
-    check_layers(cfg.layers, model)
-    train_features = (trajectory_features(params, model, tokenizer, train_rows) if cfg.method in TRAJECTORY_METHODS
-                      else build_features(train_rows, tokenizer, cfg))
-    val_features = build_features(read_pairs(Path(pairs_dir) / "val.jsonl"), tokenizer, cfg)
-    calibration = precompute_reference(model, train_features, cfg.layers, cfg.pooling, tokenizer.pad_token_id,
-                                       normalize=cfg.normalize)
+    from es2.methods import METHODS
+    from es2.trainer import training_arguments
+
+    cfg = params.train
+    method = METHODS[cfg.method]
+    features = (trajectory_features(params, model, tokenizer, train_rows) if method.trajectories
+                else build_features(train_rows, tokenizer, cfg))
     ref_model = None
     if cfg.full_finetune:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -242,17 +194,34 @@ def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir
         lora = cfg.lora
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                  target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    return method.trainer(cfg, model, ref_model, features, tokenizer.pad_token_id,
+                          args=training_arguments(cfg, checkpoints),
+                          data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id))
+
+
+def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir: str | Path = "artifacts/pairs",
+              resume: bool = False) -> dict:
+    from es2.geometry import separation_summary, states_and_kl
+    from es2.methods import METHODS
+    from es2.modeling import load_causal_lm, make_portable
+
+    cfg, out_dir = params.train, Path(out_dir)
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    train_rows = read_pairs(Path(pairs_dir) / "train.jsonl")
+    if METHODS[cfg.method].trajectories:
+        check_span_source(cfg.trajectory_spans, train_rows)
+    model, tokenizer = load_causal_lm(base_model_path(params), params.model.revision,
+                                      params.model.trust_remote_code, params.model.dtype)
+    check_layers(cfg.layers, model)
+    val_features = build_features(read_pairs(Path(pairs_dir) / "val.jsonl"), tokenizer, cfg)
     checkpoints = out_dir / "checkpoints"
     last = last_complete_checkpoint(checkpoints) if resume else None
     if resume and last is None:
         raise ConfigError(f"--resume: no checkpoint under {checkpoints}", "run `es2 train` without --resume")
     if not resume and checkpoints.exists():
         shutil.rmtree(checkpoints)  # a fresh run must not mix with an older run's checkpoints
-    trainer = ES2Trainer(
-        model=model, args=training_arguments(cfg, checkpoints), train_dataset=train_features,
-        data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id),
-        loss_fn=make_loss(cfg, calibration), method=cfg.method, layers=cfg.layers, pooling=cfg.pooling,
-        kl_positions=cfg.kl_positions, cb_alpha=cfg.cb_alpha, ref_model=ref_model, micro_batches=cfg.grad_accum)
+    trainer = build_trainer(params, model, tokenizer, train_rows, checkpoints)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if trainer.accelerator.num_processes != world:  # e.g. torchrun without ACCELERATE_USE_CPU: silent 1-process runs
         raise RuntimeError(f"launched {world} processes but accelerate sees {trainer.accelerator.num_processes}; "
@@ -265,6 +234,8 @@ def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir
     trainer.save_model(str(staging))  # every rank takes part: FSDP and ZeRO-3 gather the weights here
     if not trainer.is_world_process_zero():
         return {}
+    if cfg.full_finetune:  # the folder is the whole model: whoever loads it (metrics below, evaluate) needs this
+        tokenizer.save_pretrained(str(staging))
     make_portable(staging)  # names the warm start so that the adapter loads after `dvc pull` elsewhere
     shutil.rmtree(out_dir / "adapter", ignore_errors=True)
     staging.rename(out_dir / "adapter")
