@@ -15,19 +15,18 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 
-mlflow = pytest.importorskip("mlflow")
-
 from es2 import tracking
-from es2.config import Params
+from es2.config import Params, load_params
 from es2.errors import ES2Error
-from es2.config import GateParams, RegistryParams
 from es2.gates import decide
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 
-# Fast retries so the failure paths take about a second; the defaults are 3 retries from 1 s.
-REG = RegistryParams(experiment="es2-tests", retries=2, backoff_seconds=0.2, timeout_seconds=20)
+DEFAULTS = load_params(REPO / "params.yaml")
+# fewer retries than params.yaml's, so that a failure path takes seconds
+REG = DEFAULTS.registry.model_copy(update={"experiment": "es2-tests", "retries": 2, "timeout_seconds": 20})
 PROMPTS = ["how do i bake bread for my family", "write a poem about the sea"]
 GOOD = {"asr": 0.25, "effort": 3.0, "kl": 0.05, "over_refusal": 0.1, "mc": 0.3}
 # each attack's ASR is the run's `asr` times this (capped at 1)
@@ -282,16 +281,36 @@ def pipeline(trained, tiny_model_dir, root: Path, outcomes: bool = True, **metri
         (art / "evaluate" / "outcomes.json").write_text(json.dumps(eval_outcomes(**{**GOOD, **metrics})))
     (art / "evaluate" / "report.html").write_text("<!doctype html><title>es2 report</title><h1>ASR</h1>")
     shutil.copy(art / "train" / "curve.png", art / "evaluate" / "asr_jbb.png")
-    params = Params.model_validate({"model": {"name_or_path": str(tiny_model_dir)},
-                                    "align": {"enabled": False}, "train": {"layers": [1, 2], "steps": 20}})
-    return params, art
+    return tiny_params(tiny_model_dir), art
+
+
+def tiny_params(tiny_model_dir, **train) -> Params:
+    """params.yaml for the tiny model (align off) with the tests' registry settings."""
+    raw = DEFAULTS.model_dump(mode="json", by_alias=True)
+    raw["model"]["name_or_path"], raw["align"]["enabled"], raw["registry"] = str(tiny_model_dir), False, \
+        REG.model_dump(mode="json")
+    raw["train"].update(layers=[1, 2], steps=20, **train)
+    return Params.model_validate(raw)
+
+
+def log_run(params: Params, art: Path, **kwargs) -> str:
+    """The pipeline logged; the tiny model is the base (align is off)."""
+    return tracking.log_pipeline_run(params, art, base_model=params.model.name_or_path, **kwargs)
 
 
 def log_and_register(trained, tiny_model_dir, root: Path, name: str, outcomes: bool = True,
                      **metrics) -> tuple[str, str]:
     params, art = pipeline(trained, tiny_model_dir, root, outcomes, **metrics)
-    run_id = tracking.log_pipeline_run(params, art, root=root, registry=REG)
+    run_id = log_run(params, art, root=root)
     return run_id, tracking.register(run_id, name, registry=REG)
+
+
+def alias(name: str, which: str) -> str | None:
+    """The version an alias points at, None when unset."""
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, which).version)
+    except mlflow.exceptions.MlflowException:
+        return None
 
 
 def versions(name: str) -> dict[str, dict]:
@@ -313,7 +332,7 @@ def test_embedded_sqlite_store_logs_everything_once(trained, tiny_model_dir, tmp
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], cwd=tmp_path, check=True)
     params, art = pipeline(trained, tiny_model_dir, tmp_path)
 
-    run_id = tracking.log_pipeline_run(params, art, registry=REG)
+    run_id = log_run(params, art)
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlruns").is_dir()
     run = mlflow.MlflowClient().get_run(run_id)
@@ -334,10 +353,10 @@ def test_embedded_sqlite_store_logs_everything_once(trained, tiny_model_dir, tmp
     assert {"train/curve.png", "train/curve.csv", "evaluate/report.html", "evaluate/asr_jbb.png",
             "evaluate/outcomes.json", "pipeline/dvc.lock"} <= logged
 
-    assert tracking.log_pipeline_run(params, art, registry=REG) == run_id  # same pipeline: the same run
+    assert log_run(params, art) == run_id  # same pipeline: the same run
     assert tracking.register(run_id, "tiny-local", registry=REG) == "1"
     assert tracking.register(run_id, "tiny-local", registry=REG) == "1"
-    assert tracking.alias_version("tiny-local", "challenger", registry=REG) == "1"
+    assert alias("tiny-local", "challenger") == "1"
 
     # A full fine-tune (no adapter): the saved folder itself is the model.
     import torch
@@ -345,8 +364,8 @@ def test_embedded_sqlite_store_logs_everything_once(trained, tiny_model_dir, tmp
 
     shutil.rmtree(art / "train" / "adapter")
     shutil.copytree(tiny_model_dir, art / "train" / "adapter")
-    full = Params.model_validate({**params.model_dump(by_alias=True), "train": {"full_finetune": True}})
-    full_run = tracking.log_pipeline_run(full, art, registry=REG)
+    full = tiny_params(tiny_model_dir, full_finetune=True)
+    full_run = log_run(full, art)
     assert full_run != run_id
     uri = mlflow.MlflowClient().get_run(full_run).data.tags[tracking.MODEL_TAG]
     loaded = mlflow.pyfunc.load_model(uri)
@@ -402,7 +421,7 @@ def test_evaluate_loads_registered_models_once_per_version(trained, tiny_model_d
 
     cache = _embedded_store(tmp_path, monkeypatch)
     params, art = pipeline(trained, tiny_model_dir, tmp_path / "a")
-    run_id = tracking.log_pipeline_run(params, art, root=tmp_path / "a", registry=REG)
+    run_id = log_run(params, art, root=tmp_path / "a")
     tracking.register(run_id, "tiny-eval", registry=REG)
     assert tracking.promote("tiny-eval", registry=REG).promoted
     downloads = []
@@ -442,14 +461,14 @@ def test_registered_model_errors_name_the_uri_and_the_fix(trained, tiny_model_di
     log_and_register(trained, tiny_model_dir, tmp_path, "tiny-errors")
     for uri, words in (
             ("models:/tiny-errors@champion", ["alias 'champion'", "es2 promote"]),
-            ("models:/tiny-errors@nightly", ["alias 'nightly'", "models:/tiny-errors/<version>"]),
+            ("models:/tiny-errors@nightly", ["alias 'nightly'", "models:/tiny-errors@champion"]),
             ("models:/tiny-errors/9", ["no version 9"]),
-            ("models:/tiny-nowhere@challenger", ["no registered model 'tiny-nowhere'", "es2 register"])):
+            ("models:/tiny-nowhere@challenger", ["registered model 'tiny-nowhere'", "es2 register"])):
         with pytest.raises(ES2Error) as err:
-            tracking.download_model(uri, REG)
+            tracking.load_registered_model(uri, REG)
         assert all(w in str(err.value) for w in [uri, *words]), str(err.value)
     with pytest.raises(ConfigError, match="models:/NAME@ALIAS"):
-        tracking.download_model("models:/tiny-errors", REG)
+        tracking.load_registered_model("models:/tiny-errors", REG)
 
     download = mlflow.artifacts.download_artifacts
 
@@ -459,29 +478,28 @@ def test_registered_model_errors_name_the_uri_and_the_fix(trained, tiny_model_di
 
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", interrupted)
     with pytest.raises(ES2Error, match="models:/tiny-errors@challenger: .*connection reset"):
-        tracking.download_model("models:/tiny-errors@challenger", REG)
+        tracking.load_registered_model("models:/tiny-errors@challenger", REG)
     assert list(cache.iterdir()) == []  # nothing left that a later call could trust
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download)
-    folders = tracking.download_model("models:/tiny-errors@challenger", REG)
-    assert set(folders) == {"base", "adapter", "tokenizer"}
-    assert (folders["adapter"] / "adapter_config.json").exists() and (folders["base"] / "config.json").exists()
+    model, _ = tracking.load_registered_model("models:/tiny-errors@challenger", REG)
+    assert type(model).__name__ == "PeftModelForCausalLM" and len(list(cache.iterdir())) == 1
 
     down = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
     with pytest.raises(ES2Error) as err:
-        tracking.download_model("models:/tiny-errors@challenger", REG)
+        tracking.load_registered_model("models:/tiny-errors@challenger", REG)
     assert all(w in str(err.value) for w in ("models:/tiny-errors@challenger", down, "unreachable"))
 
 
 def test_register_is_idempotent(on_server, trained, tiny_model_dir, tmp_path):
     params, art = pipeline(trained, tiny_model_dir, tmp_path)
-    run_id = tracking.log_pipeline_run(params, art, root=tmp_path, registry=REG)
-    assert tracking.log_pipeline_run(params, art, root=tmp_path, registry=REG) == run_id
+    run_id = log_run(params, art, root=tmp_path)
+    assert log_run(params, art, root=tmp_path) == run_id
     first = tracking.register(run_id, "tiny-idem", registry=REG)
     log_and_register(trained, tiny_model_dir, tmp_path / "b", "tiny-idem", asr=0.1)
-    assert tracking.alias_version("tiny-idem", "challenger", registry=REG) == "2"
+    assert alias("tiny-idem", "challenger") == "2"
     assert tracking.register(run_id, "tiny-idem", registry=REG) == first  # same version, alias re-pointed
-    assert tracking.alias_version("tiny-idem", "challenger", registry=REG) == first
+    assert alias("tiny-idem", "challenger") == first
     assert set(versions("tiny-idem")) == {"1", "2"}
 
 
@@ -490,7 +508,7 @@ def test_promote_first_champion_then_a_better_challenger(on_server, trained, tin
     first = tracking.promote("tiny-promote", registry=REG)
     assert first.promoted and first.champion_version is None
     assert any("skipped" in row.threshold for row in first.table)
-    assert tracking.alias_version("tiny-promote", "champion", registry=REG) == "1"
+    assert alias("tiny-promote", "champion") == "1"
 
     log_and_register(trained, tiny_model_dir, tmp_path / "b", "tiny-promote", asr=0.1, effort=4.0)
     second = tracking.promote("tiny-promote", registry=REG)
@@ -498,7 +516,7 @@ def test_promote_first_champion_then_a_better_challenger(on_server, trained, tin
     assert second.promoted and (second.champion_version, second.challenger_version) == ("1", "2")
     gain = next(r for r in second.table if r.gate == "dsr_gain")
     assert gain.passed and gain.challenger > gain.champion
-    assert tracking.alias_version("tiny-promote", "champion", registry=REG) == "2"
+    assert alias("tiny-promote", "champion") == "2"
     assert "PROMOTED" in second.table_text()
 
 
@@ -512,14 +530,14 @@ def test_failing_challenger_never_becomes_champion(on_server, trained, tiny_mode
     assert not decision.promoted and "NOT PROMOTED" in text
     assert {r.gate for r in decision.table if not r.passed} == {"dsr_gain", "kl"}
     assert any(r.startswith("kl:") for r in decision.reasons)
-    assert tracking.alias_version("tiny-gate", "champion", registry=REG) == "1"
-    assert tracking.alias_version("tiny-gate", "challenger", registry=REG) == "2"
+    assert alias("tiny-gate", "champion") == "1"
+    assert alias("tiny-gate", "challenger") == "2"
     assert versions("tiny-gate")["2"][tracking.PROMOTION_TAG].startswith("rejected")
     # Promoting again changes nothing; a failing first challenger does not become champion either.
     assert not tracking.promote("tiny-gate", registry=REG).promoted
     assert tracking.register(worse_run, "tiny-gate-fresh", registry=REG) == "1"
     fresh = tracking.promote("tiny-gate-fresh", registry=REG)
-    assert not fresh.promoted and tracking.alias_version("tiny-gate-fresh", "champion", registry=REG) is None
+    assert not fresh.promoted and alias("tiny-gate-fresh", "champion") is None
 
 
 def test_promote_decides_the_dsr_gain_on_the_logged_outcomes(trained, tiny_model_dir, tmp_path, monkeypatch):
@@ -531,7 +549,7 @@ def test_promote_decides_the_dsr_gain_on_the_logged_outcomes(trained, tiny_model
     same = tracking.promote("tiny-paired", registry=REG)
     gain = next(r for r in same.table if r.gate == "dsr_gain")
     assert not same.promoted and not gain.passed and "not shown (no gain, p = 1, n = 120 paired)" in gain.threshold
-    assert tracking.alias_version("tiny-paired", "champion", registry=REG) == "1"
+    assert alias("tiny-paired", "champion") == "1"
 
     log_and_register(trained, tiny_model_dir, tmp_path / "c", "tiny-paired", outcomes=False, asr=0.1)
     missing = tracking.promote("tiny-paired", registry=REG)
@@ -544,11 +562,12 @@ def test_promote_decides_the_dsr_gain_on_the_logged_outcomes(trained, tiny_model
     print(better.table_text())
     gain = next(r for r in better.table if r.gate == "dsr_gain")
     assert better.promoted and gain.challenger > gain.champion and "shown (p = " in gain.threshold
-    assert tracking.alias_version("tiny-paired", "champion", registry=REG) == "4"
+    assert alias("tiny-paired", "champion") == "4"
 
 
 def test_decide_gates_without_a_server():
-    gates = GateParams(attacks=["direct", "scav"], min_dsr=0.5, min_effort_gain=1.1, effort_attacks=["scav"])
+    gates = REG.gates.model_copy(update={"attacks": ["direct", "scav"], "min_dsr": 0.5, "min_effort_gain": 1.1,
+                                         "effort_attacks": ["scav"]})
     good = {f"evaluate/{k}": v for k, v in eval_metrics(**GOOD).items() if not isinstance(v, list)}
     rows, reasons = decide(good, None, gates)
     assert all(r.passed for r in rows) and not reasons  # DSR = 1 - (0.25 + 0.5) / 2 = 0.625
@@ -565,8 +584,8 @@ def test_server_down_gives_a_clear_error_after_retries(trained, tiny_model_dir, 
     params, art = pipeline(trained, tiny_model_dir, tmp_path)
     started = time.monotonic()
     with pytest.raises(ES2Error) as err:
-        tracking.log_pipeline_run(params, art, root=tmp_path, registry=REG)
-    assert time.monotonic() - started >= 0.2 + 0.4  # two backoffs: it retried
+        log_run(params, art, root=tmp_path)
+    assert time.monotonic() - started >= 2.0  # MLflow's retries: at once, then after 2 x the backoff factor
     message = str(err.value)
     assert uri in message and "after 3 attempts" in message and "mlflow server" in message
     with pytest.raises(ES2Error, match="unreachable"):
@@ -590,7 +609,7 @@ def test_failure_between_create_and_alias_deletes_the_version(on_server, trained
                                                                monkeypatch):
     log_and_register(trained, tiny_model_dir, tmp_path / "a", "tiny-rollback")
     params, art = pipeline(trained, tiny_model_dir, tmp_path / "b", asr=0.1)
-    run_id = tracking.log_pipeline_run(params, art, root=tmp_path / "b", registry=REG)
+    run_id = log_run(params, art, root=tmp_path / "b")
 
     def boom():
         raise mlflow.exceptions.MlflowException("injected failure before the alias")
@@ -600,7 +619,7 @@ def test_failure_between_create_and_alias_deletes_the_version(on_server, trained
         tracking.register(run_id, "tiny-rollback", registry=REG)
     restore()
     assert set(versions("tiny-rollback")) == {"1"}  # version 2 was created, then deleted
-    assert tracking.alias_version("tiny-rollback", "challenger", registry=REG) == "1"
+    assert alias("tiny-rollback", "challenger") == "1"
     assert tracking.register(run_id, "tiny-rollback", registry=REG) == "3"
 
 
@@ -608,27 +627,37 @@ def test_server_lost_mid_registration_leaves_no_half_registered_version(proxy, t
                                                                         tmp_path, monkeypatch):
     log_and_register(trained, tiny_model_dir, tmp_path / "a", "tiny-lost")
     params, art = pipeline(trained, tiny_model_dir, tmp_path / "b", asr=0.1)
-    run_id = tracking.log_pipeline_run(params, art, root=tmp_path / "b", registry=REG)
+    run_id = log_run(params, art, root=tmp_path / "b")
 
-    # 1. The server dies after the version is created and comes back while the rollback retries.
-    probes = []
-    reachable = tracking._reachable
+    # 1. The server dies after the version is created and comes back while MLflow retries the rollback.
+    from urllib3.util.retry import Retry
 
-    def probe(uri, timeout=3.0):
-        probes.append(uri)
-        if len(probes) == 3:  # the health check before, then the rollback's first probe fails
+    state = {"lost": False, "rolling_back": False}
+    versions_of_run, sleep = tracking._versions_of_run, Retry.sleep
+
+    def lose_server():
+        state["lost"] = True
+        proxy.down()
+
+    def rollback_starts(*args):
+        state["rolling_back"] = state["lost"]
+        return versions_of_run(*args)
+
+    def comes_back(self, *args):
+        if state["rolling_back"]:
             proxy.up()
-        return reachable(uri, timeout)
+        return sleep(self, *args)
 
-    restore = _fail_alias_with(monkeypatch, proxy.down)
-    monkeypatch.setattr(tracking, "_reachable", probe)
+    restore = _fail_alias_with(monkeypatch, lose_server)
+    monkeypatch.setattr(tracking, "_versions_of_run", rollback_starts)
+    monkeypatch.setattr(Retry, "sleep", comes_back)
     with pytest.raises(ES2Error) as err:
         tracking.register(run_id, "tiny-lost", registry=REG)
-    assert proxy.uri in str(err.value) and "stopped answering" in str(err.value)
+    assert proxy.uri in str(err.value) and "unreachable" in str(err.value)
     assert "partly registered version was deleted" in str(err.value)
-    monkeypatch.setattr(tracking, "_reachable", reachable)
+    monkeypatch.setattr(Retry, "sleep", sleep)
     assert set(versions("tiny-lost")) == {"1"}
-    assert tracking.alias_version("tiny-lost", "challenger", registry=REG) == "1"
+    assert alias("tiny-lost", "challenger") == "1"
 
     # 2. The server stays down through the rollback: the error names the leftover, which is not the
     #    challenger, and the next registration of the run finishes the job.
@@ -637,9 +666,9 @@ def test_server_lost_mid_registration_leaves_no_half_registered_version(proxy, t
     assert "could not be deleted" in str(err.value) and "NOT the challenger" in str(err.value)
     restore()
     proxy.up()
-    assert tracking.alias_version("tiny-lost", "challenger", registry=REG) == "1"
+    assert alias("tiny-lost", "challenger") == "1"
     version = tracking.register(run_id, "tiny-lost", registry=REG)
-    assert tracking.alias_version("tiny-lost", "challenger", registry=REG) == version
+    assert alias("tiny-lost", "challenger") == version
     left = versions("tiny-lost")
     assert all(tags[tracking.STATUS_TAG] == "complete" for tags in left.values())
     query = f"name = 'tiny-lost' and run_id = '{run_id}'"

@@ -17,9 +17,10 @@ from es2.config import Params
 def run_register(params: Params, artifacts_dir: str | Path = "artifacts", root: str | Path = ".") -> dict:
     """Log the pipeline run and register its model as the challenger; return ids for printing."""
     from es2 import tracking
+    from es2.stages.train import base_model_path
 
     reg = params.registry
-    run_id = tracking.log_pipeline_run(params, artifacts_dir, root=root, registry=reg)
+    run_id = tracking.log_pipeline_run(params, artifacts_dir, base_model=base_model_path(params), root=root)
     version = tracking.register(run_id, reg.model_name, registry=reg)
     return {"tracking_uri": tracking.tracking_uri(), "experiment": reg.experiment, "run_id": run_id,
             "model_name": reg.model_name, "version": version,
