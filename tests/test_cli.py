@@ -37,3 +37,23 @@ def test_import_writes_records_and_reports_bad_input(tmp_path, capsys):
     assert '"label": "harmless"' in out.read_text()
     assert main(["data", "import", "csv", str(src), "--label", "harmless", "--output", str(out)]) == 2
     assert "prompt" in capsys.readouterr().err
+
+
+def test_run_and_serve_start_the_flows_as_a_process_after_checking_params(monkeypatch):
+    """es2 never imports flows (an import contract): `es2 run` hands its flags to `python -m flows`."""
+    import es2.cli as cli
+
+    started = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: started.append(cmd) or 3)
+    assert main(["run", "--no-register", "--set", "train.steps=3"]) == 3  # the flow's exit status
+    assert main(["serve"]) == 3
+    assert started == [[sys.executable, "-m", "flows", "run", "--no-register", "--set", "train.steps=3"],
+                       [sys.executable, "-m", "flows", "serve"]]
+    assert main(["run", "--set", "train.stepz=3"]) == 2 and len(started) == 2  # a bad key never starts a flow
+
+
+def test_pipeline_dvc_yaml_prints_the_rendered_file(capsys):
+    from es2.pipeline import dvc_yaml
+
+    assert main(["pipeline", "dvc-yaml"]) == 0
+    assert capsys.readouterr().out == dvc_yaml()

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 
-TRACKED = ["dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", "dvc-store", "es2"]
+TRACKED = ["dvc.yaml", "params.yaml", "data.dvc", ".dvc/config", "dvc-store", "es2", ".gitignore"]
 
 
 def _sh(*cmd, cwd, check=True):
@@ -71,3 +71,22 @@ def test_failed_validation_stops_dvc_and_keeps_later_artifacts(project):
         assert report["success"] is False
     finally:
         harmful.write_bytes(good)
+
+
+def test_metrics_are_committed_so_metrics_diff_compares_with_a_commit(project):
+    """As in DVC's example-get-started: metrics live in git, so `dvc metrics diff main` reads main's."""
+    _sh("dvc", "repro", "pairs", cwd=project)
+    _sh("git", "add", "-A", cwd=project)
+    _sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pairs", cwd=project)
+    tracked = _sh("git", "ls-files", "artifacts", cwd=project).stdout.split()
+    assert tracked == ["artifacts/pairs/stats.json", "artifacts/validation/report.json"]  # cached outputs are not
+    params = project / "params.yaml"
+    committed = params.read_text()
+    try:
+        params.write_text(committed.replace("neighbours: 2 ", "neighbours: 3 "))
+        _sh("dvc", "repro", "pairs", cwd=project)
+        diff = json.loads(_sh("dvc", "metrics", "diff", "HEAD", "--json", cwd=project).stdout)
+        assert diff["artifacts/pairs/stats.json"]["neighbours"] == {"old": 2, "new": 3, "diff": 1}
+    finally:
+        params.write_text(committed)
+        _sh("dvc", "repro", "pairs", cwd=project)

@@ -21,7 +21,7 @@ import yaml
 
 from tests.conftest import REPO, free_port, tiny_params
 
-DEPLOYMENT = "es2-pipeline/nightly"
+DEPLOYMENT = "es2-pipeline/retrain"
 STAGES = ["validate", "pairs"]
 BIN = Path(sys.executable).parent
 # Prefect's parameter model warns that the flow parameter `register` shadows a pydantic attribute; it works.
@@ -128,7 +128,7 @@ def project(workdir) -> Path:
 
 @pytest.fixture(scope="module")
 def served(api_url, project, prefect_env, workdir):
-    """`flows.serve.main()` in a subprocess (what `es2 serve` runs), serving es2-pipeline/nightly for `project`."""
+    """`flows.serve.main()` in a subprocess (what `es2 serve` runs), serving es2-pipeline/retrain for `project`."""
     from prefect import get_client
 
     log = workdir / "serve.log"
@@ -158,11 +158,8 @@ def _task_run_names(flow_run_id) -> list[str]:
 # ------------------------------------------------------------------------------------------ real server
 
 
-def test_served_deployment_has_the_nightly_cron_schedule(served):
-    from flows.serve import NIGHTLY_CRON
-
-    assert served.schedules and served.schedules[0].schedule.cron == NIGHTLY_CRON == "0 3 * * *"
-    assert served.schedules[0].active
+def test_served_deployment_runs_on_demand_and_leaves_promotion_to_ci(served):
+    assert not served.schedules and served.parameters["register"] is False  # .github/workflows/retrain.yml's
     assert {"repo", "stages", "register", "params_overrides", "model", "data_rev"} <= set(served.parameters)
 
 
@@ -309,6 +306,27 @@ def test_override_args_flatten_and_quote():
     assert override_args(None) == []
 
 
+def test_python_m_flows_run_hands_its_flags_to_the_flow(monkeypatch):
+    """What `es2 run --no-register --set ...` starts; the flow's state decides the exit status."""
+    import flows.pipeline as fp
+    from flows.__main__ import main
+
+    calls, completed = [], [True, False]
+
+    class State:
+        name, message = "fake-run", "done"
+
+        @staticmethod
+        def is_completed():
+            return completed.pop(0)
+
+    monkeypatch.setattr(fp, "pipeline", lambda **kwargs: calls.append(kwargs) or State)
+    assert main(["run", "--no-register", "--set", "train.steps=3"]) == 0
+    assert main(["run"]) == 1
+    assert calls == [{"repo": ".", "register": False, "params_overrides": {"train.steps": "3"}, "return_state": True},
+                     {"repo": ".", "register": True, "params_overrides": None, "return_state": True}]
+
+
 def test_metrics_table_puts_baseline_beside_the_model():
     from flows.pipeline import metrics_table
 
@@ -318,16 +336,14 @@ def test_metrics_table_puts_baseline_beside_the_model():
     assert "baseline/" not in table
 
 
-def test_prefect_yaml_deploys_to_a_process_pool_with_the_same_schedule(api_url, prefect_env, workdir):
+def test_prefect_yaml_deploys_to_a_process_pool_on_demand(api_url, prefect_env, workdir):
     """`prefect deploy --all` accepts prefect.yaml (deployment renamed so it does not replace the served one)."""
     from prefect import get_client
 
-    from flows.serve import NIGHTLY_CRON
-
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    (nightly,) = spec["deployments"]
-    assert nightly["schedules"][0]["cron"] == NIGHTLY_CRON and nightly["work_pool"]["name"] == "es2-process"
-    nightly["name"] = "nightly-pool"
+    (retrain,) = spec["deployments"]
+    assert retrain["work_pool"]["name"] == "es2-process"
+    retrain["name"] = "retrain-pool"
     here = workdir / "deploy"
     shutil.copytree(REPO / "flows", here / "flows", ignore=shutil.ignore_patterns("__pycache__"))
     (here / "prefect.yaml").write_text(yaml.safe_dump(spec))
@@ -335,8 +351,8 @@ def test_prefect_yaml_deploys_to_a_process_pool_with_the_same_schedule(api_url, 
     _sh(str(BIN / "prefect"), "work-pool", "create", "es2-process", "--type", "process", cwd=here, env=env)
     _sh(str(BIN / "prefect"), "--no-prompt", "deploy", "--all", cwd=here, env=env)
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name("es2-pipeline/nightly-pool")
+        deployment = client.read_deployment_by_name("es2-pipeline/retrain-pool")
     assert deployment.work_pool_name == "es2-process"
-    assert deployment.schedules[0].schedule.cron == NIGHTLY_CRON
+    assert not deployment.schedules
     assert deployment.parameters["stages"] == ["validate", "pairs", "align", "train", "evaluate"]
     assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(here)}}]
