@@ -92,8 +92,9 @@ class TrainParams(Section):
     """ES2 fine-tuning and the baselines trained under the same harness (README, Training)."""
 
     method: Literal["es2", "es2_refusal", "refusal_sft", "circuit_breakers", "es2_trajectory", "trajectory"]
-    layers: list[int] = Field(min_length=1,
-                              description="HF hidden_states indices: 0 = embeddings, l = after block l-1")
+    layers: list[int] | list[float] = Field(min_length=1,
+                                            description="HF hidden_states indices (0 = embeddings, l = after "
+                                                        "block l-1), or fractions of the depth in (0, 1)")
     pooling: Literal["last", "mean"]
     normalize: Literal["none", "center", "unit", "standardize"]
     distance: Literal["centroid", "pairwise", "nearest", "probe_margin", "fisher"]
@@ -186,7 +187,8 @@ class EvaluateParams(Section):
     batch_size: int = Field(ge=1)
     seed: int
     attacks: list[Literal["direct", "template", "prefill", "injection", "scav", "repe", "softprompt", "gcg"]]
-    layers: list[int] | None = Field(description="probe/steering layers; default train.layers")
+    layers: list[int] | list[float] | None = Field(description="probe/steering layers (indices or fractions "
+                                                                "of the depth); default train.layers")
     judges: list[str] = Field(min_length=1,
                               description="refusal judges run on every answer (es2 judge --help lists them)")
     headline_judge: str = Field(description="the judge behind the headline table and outcomes.json")

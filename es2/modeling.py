@@ -254,3 +254,24 @@ def load_causal_lm(name_or_path: str, revision: str | None = None, trust_remote_
     model = AutoModelForCausalLM.from_pretrained(resolved, revision=revision, trust_remote_code=trust_remote_code,
                                                  dtype=getattr(torch, dtype))
     return model, load_tokenizer(tokenizer_from or name_or_path, revision, trust_remote_code)
+
+
+def resolve_layers(spec: list[int] | list[float], model, name: str = "train.layers") -> list[int]:
+    """hidden_states indices for a layer spec on `model`: integers are indices (0 = embeddings, l = output of
+    decoder block l-1); fractions in (0, 1) are a share of the depth, round(f x depth), so one setting carries
+    across models of any depth (the paper's two intermediate layers: [0.4, 0.6]). Any index outside the model,
+    or two fractions landing on one layer, is refused by name with the model's depth."""
+    from es2.errors import ConfigError
+
+    depth = model.config.num_hidden_layers
+    fractions = any(isinstance(x, float) for x in spec)
+    layers = [max(1, round(x * depth)) for x in spec] if fractions else [int(x) for x in spec]
+    bad = [x for x, layer in zip(spec, layers) if not 0 <= layer <= depth or (fractions and not 0 < x < 1)]
+    if bad:
+        raise ConfigError(f"{name} {bad} are outside this model ({depth} decoder blocks: indices 0..{depth}, "
+                          f"index l = output of block l-1; fractions in (0, 1))",
+                          f"pick indices in 1..{depth} (e.g. the upper half) or fractions such as [0.4, 0.6]")
+    if len(set(layers)) != len(layers):
+        raise ConfigError(f"{name} {spec} name layer(s) twice on a {depth}-block model: {layers}",
+                          "use fewer layers or fractions further apart")
+    return layers

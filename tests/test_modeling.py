@@ -5,7 +5,8 @@ import shutil
 import pytest
 
 from es2 import modeling
-from es2.errors import ModelError
+from es2.errors import ConfigError, ModelError
+from es2.modeling import resolve_layers
 
 
 def test_local_causal_lm_loads_with_left_padding(tiny_model_dir):
@@ -102,3 +103,23 @@ def test_default_model_is_prepared_once_and_answers(tmp_path, monkeypatch):
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+
+
+class _Depth:
+    def __init__(self, depth):
+        self.config = type("Config", (), {"num_hidden_layers": depth})()
+
+
+@pytest.mark.parametrize("spec, depth, layers", [([16, 20, 24, 28], 30, [16, 20, 24, 28]), ([0.4, 0.6], 30, [12, 18]),
+                                                 ([0.4, 0.6], 32, [13, 19]), ([0.25, 0.75], 4, [1, 3]),
+                                                 ([0.01], 2, [1])])
+def test_layer_fractions_carry_across_depths(spec, depth, layers):
+    assert resolve_layers(spec, _Depth(depth)) == layers
+
+
+@pytest.mark.parametrize("spec, match", [([16, 40], r"\[40\] are outside this model \(30 decoder blocks"),
+                                         ([0.4, 1.5], r"\[1.5\] are outside"), ([-1], r"\[-1\] are outside"),
+                                         ([0.50, 0.51], "twice on a 30-block model")])
+def test_layers_outside_the_model_are_refused_with_its_depth(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_layers(spec, _Depth(30))

@@ -123,6 +123,7 @@ def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", mod
     from es2.capability import greedy_agreement, load_mc_csv, mmlu_sample_path, per_token_kl
     from es2.stages.suite import Timed
     from es2.headline import as_metrics, effort_rows, headline_rows, verdict
+    from es2.modeling import resolve_layers
     from es2.report import write_report
     from es2.sampling import stratified_sample
     from es2.separation_metrics import flatten_report, layer_report, pca_scatter
@@ -148,7 +149,7 @@ def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", mod
               flush=True)
     spans = _spans(params, cfg, harmful_rows, grid) if {"prefill", "injection"} & set(cfg.attacks) else {}
     probe_sets = _probe_sets(harmful_rows, benign_rows)
-    layers = cfg.layers or params.train.layers
+    layer_spec = cfg.layers or params.train.layers  # indices or fractions, resolved on each model's depth
     mc_questions = load_mc_csv(cfg.mc_csv or mmlu_sample_path())
     specs = {"model": model or cfg.model}
     baseline = cfg.baseline if baseline == "params" else baseline
@@ -162,6 +163,7 @@ def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", mod
         m, tokenizer = load_model(spec, params)
         if role in ("model", "baseline"):  # kept for KL and agreement; compare models are dropped after use
             loaded[role] = (m, tokenizer)
+        layers = resolve_layers(layer_spec, m, "evaluate.layers" if cfg.layers else "train.layers")
         runs[role] = evaluate_one(m, tokenizer, harmful_rows, benign_rows, spans, grid, probe_sets, cfg, layers,
                                   mc_questions, judges)
         runs[role]["spec"] = spec
@@ -184,7 +186,7 @@ def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", mod
             metrics.update(_answer_capability(params, loaded, base["benign_answers"],
                                               [r["prompt"] for r in benign_rows], cfg.batch_size))
         runs["model"]["outcomes"]["kl"] = metrics["capability/kl_to_baseline"]
-        for layer in layers:
+        for layer in resolve_layers(layer_spec, model_):
             plots[f"pca_layer{layer}.png"] = pca_scatter(base["states"], runs["model"]["states"], layer,
                                                          out_dir / f"pca_layer{layer}.png",
                                                          f"layer {layer}: baseline (left) vs model (right)")

@@ -101,15 +101,6 @@ def trajectory_features(params: Params, model, tokenizer, rows: list[dict]) -> l
     return trajectories.trajectory_features(built, tokenizer, cfg.max_length)
 
 
-def check_layers(layers: list[int], model) -> None:
-    top = model.config.num_hidden_layers
-    bad = [layer for layer in layers if not 0 <= layer <= top]
-    if bad:
-        raise ConfigError(f"train.layers {bad} are outside 0..{top} for this model "
-                          f"({top} decoder blocks; index l = output of block l-1)",
-                          f"pick layers in 1..{top}, e.g. the upper half")
-
-
 def base_model_path(params: Params) -> str:
     """The warm-started base when align is enabled (built by the align stage), else the configured model."""
     if params.align.enabled:
@@ -203,7 +194,7 @@ def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir
               resume: bool = False) -> dict:
     from es2.geometry import separation_summary, states_and_kl
     from es2.methods import METHODS
-    from es2.modeling import load_causal_lm, make_portable
+    from es2.modeling import load_causal_lm, make_portable, resolve_layers
 
     cfg, out_dir = params.train, Path(out_dir)
     started = time.perf_counter()
@@ -213,7 +204,7 @@ def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir
         check_span_source(cfg.trajectory_spans, train_rows)
     model, tokenizer = load_causal_lm(base_model_path(params), params.model.revision,
                                       params.model.trust_remote_code, params.model.dtype)
-    check_layers(cfg.layers, model)
+    cfg = cfg.model_copy(update={"layers": resolve_layers(cfg.layers, model)})  # fractions -> this depth
     val_features = build_features(read_pairs(Path(pairs_dir) / "val.jsonl"), tokenizer, cfg)
     checkpoints = out_dir / "checkpoints"
     last = last_complete_checkpoint(checkpoints) if resume else None
