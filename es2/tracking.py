@@ -95,8 +95,8 @@ def _session(reg: RegistryParams, what: str) -> Iterator[tuple[MlflowClient, str
 
 
 def _error(exc: BaseException, uri: str, what: str, reg: RegistryParams, extra: str = "") -> ES2Error:
-    if _unreachable(exc):
-        problem = (f"the MLflow tracking server at {uri} is unreachable ({type(exc).__name__} while {what}, "
+    if (lost := _connection_error(exc)) is not None:
+        problem = (f"the MLflow tracking server at {uri} is unreachable ({type(lost).__name__} while {what}, "
                    f"after {reg.retries + 1} attempts)")
     else:
         problem = f"MLflow failed while {what} at {uri}: {textwrap.shorten(str(exc), 300)}"
@@ -110,14 +110,12 @@ def _error(exc: BaseException, uri: str, what: str, reg: RegistryParams, extra: 
     return ES2Error(problem + extra, fix)
 
 
-def _unreachable(exc: BaseException | None) -> bool:
-    """Whether the server did not answer. MLflow raises an MlflowException once its retries are spent, with
-    requests' connection error or timeout as the exception it was handling."""
-    while exc is not None:
-        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-            return True
+def _connection_error(exc: BaseException | None) -> BaseException | None:
+    """The connection error or timeout behind `exc`, if the server did not answer: MLflow raises an
+    MlflowException once its retries are spent, with requests' error as the exception it was handling."""
+    while exc is not None and not isinstance(exc, (requests.ConnectionError, requests.Timeout)):
         exc = exc.__cause__ or exc.__context__
-    return False
+    return exc
 
 
 # ------------------------------------------------------------------------------------------------------------
