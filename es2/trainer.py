@@ -230,8 +230,8 @@ class ES2Trainer(ReferenceTrainer):
                 kl, refusal = self.loss_fn.token_means(sums.get("kl"), sums.get("refusal"), out.logits.new_zeros(()))
                 share = (self.loss_fn.kl_weight * kl + self.loss_fn.refusal_weight * refusal) / len(chunks)
                 self.accelerator.backward(surrogate + share)
-            kl_sum += float(kl) / len(chunks)
-            refusal_sum += float(refusal) / len(chunks)
+            kl_sum += float(kl.detach()) / len(chunks)
+            refusal_sum += float(refusal.detach()) / len(chunks)
             total = total + share.detach()
             start += n
         self._record_terms(separation.term.detach(), kl_sum, refusal_sum, separation)
