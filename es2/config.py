@@ -91,7 +91,8 @@ class AlignParams(Section):
 class TrainParams(Section):
     """ES2 fine-tuning and the baselines trained under the same harness (README, Training)."""
 
-    method: Literal["es2", "es2_refusal", "refusal_sft", "circuit_breakers", "es2_trajectory", "trajectory"]
+    method: Literal["es2", "es2_refusal", "es2_adversarial", "refusal_sft", "circuit_breakers", "es2_trajectory",
+                    "trajectory"]
     layers: list[int] | list[float] = Field(min_length=1,
                                             description="HF hidden_states indices (0 = embeddings, l = after "
                                                         "block l-1), or fractions of the depth in (0, 1)")
@@ -108,6 +109,8 @@ class TrainParams(Section):
     reduction: Literal["sum", "sequence"]
     refusal_weight: float = Field(ge=0, description="refusal CE weight (es2_refusal, refusal_sft)")
     cb_alpha: float = Field(gt=0, description="circuit_breakers coefficient scale")
+    adversarial_share: float = Field(ge=0, le=1, description="es2_adversarial: share of each batch's harmful rows "
+                                                             "trained with the refusal direction ablated")
     recovery_weight: float = Field(ge=0, description="recovery CE weight (es2_trajectory, trajectory)")
     trajectory_steps: list[int] = Field(min_length=1,
                                         description="own tokens s before the injected span (0 = prefilling)")

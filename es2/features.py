@@ -83,7 +83,7 @@ def collate(features: list[dict], pad_token_id: int) -> dict:
     batch["labels"] = torch.full((len(rows), width), -100, dtype=torch.long)
     batch["rep_index"] = torch.zeros(len(rows), dtype=torch.long)
     for i, row in enumerate(rows):
-        n, pad = len(row["input_ids"]), width - len(row["input_ids"])
+        pad = width - len(row["input_ids"])
         ids = torch.tensor(row["input_ids"])
         batch["input_ids"][i, pad:] = ids
         batch["attention_mask"][i, pad:] = 1

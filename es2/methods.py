@@ -7,6 +7,7 @@ equal to its keys); the rest of es2 reads the entry's fields and never compares 
 | es2 | ES2Loss (ES2Trainer) | trained | none | prompt only |
 | es2_refusal | ES2Loss (ES2Trainer) | trained | refusal, train.refusal_weight | prompt + refusal |
 | refusal_sft | ES2Loss (ES2Trainer) | logged | refusal, train.refusal_weight | prompt + refusal |
+| es2_adversarial | ES2Loss (ES2Trainer), a share of the harmful rows refusal-direction ablated | trained | refusal, train.refusal_weight | prompt + refusal |
 | circuit_breakers | circuit_breaker_loss (CircuitBreakerTrainer) | - | - | prompt + affirmative target |
 | es2_trajectory | ES2Loss (ES2Trainer) | trained | recovery, train.recovery_weight | trajectory with an injected span |
 | trajectory | ES2Loss (ES2Trainer) | logged | recovery, train.recovery_weight | trajectory with an injected span |
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from es2.ablation import refusal_directions
 from es2.features import refusal_for
 from es2.losses.es2_loss import ES2Loss
 from es2.trainer import CircuitBreakerTrainer, ES2Trainer, frozen_view, precompute_reference
@@ -42,6 +44,7 @@ class SeparationMethod:
     target_weight: str | None = None  # the train.* weight of the cross-entropy on the harmful rows' targets
     harmful_target: Callable[[dict], str] | None = None  # what follows a harmful prompt in the pairs
     trajectories: bool = False  # trains on generated trajectories with injected spans (es2.trajectories)
+    adversarial: bool = False  # attacks the harmful rows in every step (refusal-direction ablation, es2.ablation)
 
     def loss(self, cfg, calibration: dict) -> ES2Loss:
         return ES2Loss(distance=cfg.distance, form=cfg.form, margin=cfg.margin, margin_ratio=cfg.margin_ratio,
@@ -55,9 +58,11 @@ class SeparationMethod:
         with frozen_view(model, ref_model) as frozen:
             calibration = precompute_reference(frozen, features, cfg.layers, cfg.pooling, pad_token_id,
                                                normalize=cfg.normalize)
+            ablation = refusal_directions(frozen, features, pad_token_id) if self.adversarial else None
         return ES2Trainer(model=model, train_dataset=features, loss_fn=self.loss(cfg, calibration),
                           layers=cfg.layers, pooling=cfg.pooling, kl_positions=cfg.kl_positions, ref_model=ref_model,
-                          micro_batches=cfg.grad_accum, **trainer_args)
+                          micro_batches=cfg.grad_accum, ablation=ablation, ablation_share=cfg.adversarial_share,
+                          **trainer_args)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ METHODS: dict[str, SeparationMethod | ReroutingMethod] = {
     "es2": SeparationMethod(separation_weight=1.0),
     "es2_refusal": SeparationMethod(1.0, "refusal_weight", refusal_target),
     "refusal_sft": SeparationMethod(0.0, "refusal_weight", refusal_target),
+    "es2_adversarial": SeparationMethod(1.0, "refusal_weight", refusal_target, adversarial=True),
     "circuit_breakers": ReroutingMethod(),
     "es2_trajectory": SeparationMethod(1.0, "recovery_weight", trajectories=True),
     "trajectory": SeparationMethod(0.0, "recovery_weight", trajectories=True),

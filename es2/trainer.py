@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
+from es2.ablation import ablating
 from es2.features import collate, lm_inputs
 from es2.geometry import pooled
 from es2.losses.circuit_breakers import circuit_breaker_loss
@@ -129,9 +130,17 @@ class ES2Trainer(ReferenceTrainer):
     harmless logits in every step when the KL is weighted."""
 
     def __init__(self, *args, loss_fn: ES2Loss, pooling: str, kl_positions: str = "prompt", micro_batches: int = 1,
-                 **kwargs):
+                 ablation: dict[int, torch.Tensor] | None = None, ablation_share: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_fn, self.pooling, self.kl_positions, self.micro_batches = loss_fn, pooling, kl_positions, micro_batches
+        self.ablation, self.ablation_share = ablation, ablation_share
+
+    def _forward(self, model, batch: dict, n: int):
+        """The policy's forward with hidden states. With `ablation` (es2_adversarial), the first
+        `ablation_share` of the n harmful rows lose the refusal direction at every layer (es2.ablation)."""
+        attacked = round(self.ablation_share * n) if self.ablation else 0
+        with ablating(self.accelerator.unwrap_model(model), self.ablation or {}, attacked):
+            return model(**lm_inputs(batch), output_hidden_states=True)
 
     def _kl_mask(self, batch: dict) -> torch.Tensor:
         if self.kl_positions == "prompt":
@@ -176,7 +185,7 @@ class ES2Trainer(ReferenceTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         n = inputs["input_ids"].shape[0] // 2
-        outputs = model(**lm_inputs(inputs), output_hidden_states=True)
+        outputs = self._forward(model, inputs, n)
         reps = pooled(outputs.hidden_states, inputs, self.layers, self.pooling)
         harmful, harmless, ref_harmful, ref_harmless = map(gather_layers, self._halves(reps, inputs["ref_reps"], n))
         token_sums = self._token_sums(model, inputs, outputs, n)
@@ -200,8 +209,8 @@ class ES2Trainer(ReferenceTrainer):
         chunks = split_batch(inputs, self.micro_batches)
         halves = [c["input_ids"].shape[0] // 2 for c in chunks]
         with torch.no_grad():
-            parts = [self._halves(pooled(model(**lm_inputs(c), output_hidden_states=True).hidden_states, c,
-                                         self.layers, self.pooling), c["ref_reps"], n) for c, n in zip(chunks, halves)]
+            parts = [self._halves(pooled(self._forward(model, c, n).hidden_states, c, self.layers, self.pooling),
+                                  c["ref_reps"], n) for c, n in zip(chunks, halves)]
         leaves_h, leaves_s, ref_h, ref_s = ({layer: torch.cat([p[k][layer] for p in parts]) for layer in self.layers}
                                             for k in range(4))
         for leaves in (leaves_h, leaves_s):
@@ -221,7 +230,7 @@ class ES2Trainer(ReferenceTrainer):
         for i, (chunk, n) in enumerate(zip(chunks, halves)):
             sync = self.accelerator.no_sync(model) if i < len(chunks) - 1 else nullcontext()
             with sync, self.compute_loss_context_manager():
-                out = model(**lm_inputs(chunk), output_hidden_states=True)
+                out = self._forward(model, chunk, n)
                 reps = pooled(out.hidden_states, chunk, self.layers, self.pooling)
                 surrogate = sum((reps[layer][:n] * grad_h[layer][start:start + n]).sum()
                                 + (reps[layer][n:] * grad_s[layer][start:start + n]).sum()
