@@ -106,6 +106,10 @@ class TrainParams(Section):
     kl_direction: Literal["forward", "reverse"]
     kl_temperature: float = Field(gt=0)
     kl_positions: Literal["prompt", "response", "all"]
+    kl_answers: Literal["pairs", "self"] = Field(description="what follows a harmless prompt: the harmless "
+                                                           "records' `response` if any (pairs), or the model's "
+                                                           "own greedy answer before training (self)")
+    kl_answer_tokens: int = Field(ge=1, description="kl_answers self: length of those answers")
     reduction: Literal["sum", "sequence"]
     refusal_weight: float = Field(ge=0, description="refusal CE weight (es2_refusal, refusal_sft)")
     cb_alpha: float = Field(gt=0, description="circuit_breakers coefficient scale")

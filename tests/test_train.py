@@ -16,7 +16,11 @@ from safetensors.torch import load_file
 from es2.config import load_params
 from es2.methods import METHODS
 from es2.modeling import load_causal_lm
-from es2.stages.train import build_trainer, check_span_source, read_pairs, run_train
+from es2.features import collate
+from es2.generation import generate
+from es2.stages.train import (
+    build_features, build_trainer, check_span_source, read_pairs, run_train, with_own_answers,
+)
 from tests.conftest import REPO
 from tests.tiny_model import save_tiny
 
@@ -77,6 +81,24 @@ def test_es2_training_separates_heldout_prompts(workdir):
     assert torch.isfinite(torch.tensor(metrics["final_train_loss"]))
     assert metrics["heldout_dprime_trained"] > metrics["heldout_dprime_base"]
     assert (out / "curve.png").stat().st_size > 1000 and (out / "curve.csv").read_text().startswith("step,loss")
+
+
+def test_the_kl_leash_can_hold_the_models_own_answers(workdir):
+    """train.kl_answers self: each harmless prompt is followed by the frozen model's greedy answer, and with
+    kl_positions response the KL is taken on those answer tokens (it is 0 before the first update)."""
+    model, tok = load_causal_lm(str(workdir / "model"))
+    rows = read_pairs(workdir / "pairs" / "train.jsonl")[:3]
+    answered = with_own_answers(rows, model, tok, 4)
+    assert [r["harmless_response"] for r in answered] == generate(model, tok, [r["harmless"] for r in rows], 4)
+    params = load_params(REPO / "params.yaml", _overrides(workdir, "train.kl_positions=response"))
+    batch = collate(build_features(answered, tok, params.train), tok.pad_token_id)
+    assert bool(((batch["labels"][3:] != -100).sum(dim=1) > 0).all())  # every harmless row has answer tokens
+    out = workdir / "own_answers"
+    run_train(load_params(REPO / "params.yaml", _overrides(
+        workdir, "train.kl_answers=self", "train.kl_answer_tokens=4", "train.kl_positions=response",
+        "train.steps=3", "train.batch_size=4")), out, workdir / "pairs")
+    kl = [float(line.split(",")[3]) for line in (out / "curve.csv").read_text().splitlines()[1:]]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and max(kl) > 0
 
 
 def _train_in_memory(workdir, tmp_path, *overrides):

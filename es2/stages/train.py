@@ -48,13 +48,24 @@ def check_span_source(spans: str, rows: list[dict]) -> None:
                         "train.trajectory_spans: base_model (answers of the not-yet-aligned model)")
 
 
+def with_own_answers(rows: list[dict], model, tokenizer, max_new_tokens: int) -> list[dict]:
+    """The pairs with every harmless prompt followed by `model`'s own greedy answer (train.kl_answers: self, the
+    model before training): the KL leash then also holds the tokens a user reads, not only the prompt's."""
+    from es2.generation import generate
+
+    prompts = list(dict.fromkeys(r["harmless"] for r in rows))
+    answers = dict(zip(prompts, generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)))
+    return [{**r, "harmless_response": answers[r["harmless"]]} for r in rows]
+
+
 def build_features(rows: list[dict], tokenizer, cfg) -> list[dict]:
     """Tokenised pairs; the harmful prompt is followed by what train.method trains on (es2.methods)."""
     from es2.methods import METHODS
 
     if cfg.kl_positions == "response" and not all(r.get("harmless_response") for r in rows):
         raise ConfigError("train.kl_positions=response needs harmless responses in the pairs",
-                          "set train.kl_positions: all (or prompt), or add a `response` to the harmless records")
+                          "set train.kl_answers: self (the model's own answers), or add a `response` to the "
+                          "harmless records")
     target = METHODS[cfg.method].harmful_target
     return [{"harmful": encode_chat(tokenizer, r["harmful"], target(r) if target else None, cfg.max_length),
              "harmless": encode_chat(tokenizer, r["harmless"], r.get("harmless_response"), cfg.max_length)}
@@ -205,7 +216,11 @@ def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir
     model, tokenizer = load_causal_lm(base_model_path(params), params.model.revision,
                                       params.model.trust_remote_code, params.model.dtype)
     cfg = cfg.model_copy(update={"layers": resolve_layers(cfg.layers, model)})  # fractions -> this depth
-    val_features = build_features(read_pairs(Path(pairs_dir) / "val.jsonl"), tokenizer, cfg)
+    val_rows = read_pairs(Path(pairs_dir) / "val.jsonl")
+    if cfg.kl_answers == "self":
+        train_rows, val_rows = (with_own_answers(rows, model, tokenizer, cfg.kl_answer_tokens)
+                                for rows in (train_rows, val_rows))
+    val_features = build_features(val_rows, tokenizer, cfg)
     checkpoints = out_dir / "checkpoints"
     last = last_complete_checkpoint(checkpoints) if resume else None
     if resume and last is None:
