@@ -16,6 +16,7 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils import DistributedType
 from accelerate.utils.launch import prepare_multi_gpu_env
 
+from es2.errors import ConfigError
 from es2.launch import launch_command
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
@@ -138,6 +139,47 @@ def test_es2_cpu_launch_command_is_torchrun_with_accelerate_use_cpu():
     assert "--config_file" not in cmd
     assert cmd[-3:] == ["-m", "es2.cli", "train"]
     assert env["ACCELERATE_USE_CPU"] == "1"
+
+
+def _cpu_launch(name: str):
+    cfg = SimpleNamespace(num_processes=2, accelerate_config=str(CONFIG_DIR / name))
+    return launch_command(cfg, ["train"], cuda=False)
+
+
+def test_es2_cpu_launch_honours_the_fsdp_file_in_fp32():
+    cmd, env = _cpu_launch("fsdp.yaml")
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--config_file" not in cmd
+    # the workers complete accelerate's FSDP state before es2.cli runs (tests/test_fsdp_launch.py trains this way)
+    assert cmd[-3:] == ["-m", "es2.launch", "train"]
+    assert env["ACCELERATE_USE_CPU"] == "1" and env["ACCELERATE_USE_FSDP"] == "true"
+    assert env["FSDP_VERSION"] == "2" and env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == env["FSDP_SYNC_MODULE_STATES"] == "true"
+    assert env["ACCELERATE_MIXED_PRECISION"] == "no"  # the file's bf16 is for GPUs
+
+
+@pytest.mark.parametrize("name", ["ddp.yaml", "single_gpu.yaml"])
+def test_es2_cpu_launch_of_an_unsharded_file_is_plain_multi_cpu(name):
+    cmd, env = _cpu_launch(name)
+    assert cmd[-3:] == ["-m", "es2.cli", "train"]
+    assert env["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert "ACCELERATE_USE_FSDP" not in env and not any(key.startswith("FSDP_") for key in env)
+
+
+@pytest.mark.parametrize(("name", "problem"), [("zero2.yaml", "DeepSpeed, which needs CUDA GPUs"),
+                                               ("zero3.yaml", "DeepSpeed, which needs CUDA GPUs"),
+                                               ("multinode_fsdp.yaml", "spans 2 machines")])
+def test_es2_cpu_launch_refuses_what_it_cannot_run(name, problem):
+    with pytest.raises(ConfigError, match=problem) as refused:
+        _cpu_launch(name)
+    assert refused.value.hint
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_a_missing_config_file_is_refused_before_any_launch(cuda):
+    cfg = SimpleNamespace(num_processes=2, accelerate_config="configs/accelerate/fdsp.yaml")
+    with pytest.raises(ConfigError, match="fdsp.yaml is not a file"):
+        launch_command(cfg, ["train"], cuda=cuda)
 
 
 def test_a_misspelt_key_is_caught(tmp_path):
