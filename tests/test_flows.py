@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from es2.locking import RunLock
 from tests.conftest import REPO, free_port, tiny_params
 
 DEPLOYMENT = "es2-pipeline/retrain"
@@ -174,7 +175,8 @@ def test_triggered_run_completes_and_writes_dvc_lock(served, project):
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
     assert json.loads((project / "artifacts/pairs/stats.json").read_text())["splits"]["train"]["pairs"] > 0
-    assert not (project / ".es2/run.lock").exists()  # released
+    with RunLock(project, "next-run"):  # released
+        pass
     assert _task_run_names(run.id) == ["dvc-pairs", "dvc-validate", "publish-reports"]
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
@@ -229,7 +231,6 @@ def test_data_rev_checks_out_and_pulls_data_first(api_url, project):
 
 
 def test_concurrent_run_fails_fast_with_the_lock_holder(api_url, project):
-    from es2.locking import RunLock
     from flows.pipeline import pipeline
 
     with RunLock(project, "busy-run/1234"):
@@ -251,7 +252,8 @@ def test_failed_validation_fails_the_run_and_nothing_after_it_runs(api_url, work
     assert "Data validation FAILED" in state.message  # the validation summary itself
     assert _task_run_names(state.state_details.flow_run_id) == ["dvc-validate"]
     assert not (bad / "artifacts/pairs").exists()
-    assert not (bad / ".es2/run.lock").exists()
+    with RunLock(bad, "next-run"):  # released
+        pass
 
 
 def test_transient_step_is_retried_then_succeeds_or_reports(api_url, tmp_path, monkeypatch):
