@@ -1,0 +1,183 @@
+"""The equal-budget study: every training variant of benchmarks/study.yaml, each seed, trained with the same data
+and steps from the same warm start, evaluated under the same protocol against that warm start; one table, one
+frontier plot, and whether the best variant beats the current default with a paired test.
+
+    dvc repro align                                   # pairs and the warm start every variant starts from
+    python benchmarks/study.py                        # all variants x seeds (resumable: finished runs are kept)
+    python benchmarks/study.py --variants default,two_layers --seeds 0 --profile quick --limit 12   # a smoke run
+
+Outputs under --out (default artifacts/study): <variant>/seed<k>/{train,eval}/, study.md (the table),
+study.json (its rows), frontier.png. Each run is `es2 train` then `es2 evaluate --baseline train-base`, so every
+figure carries its own paired test against the warm start; the table's interval columns come from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from es2.headline import headline_rows  # noqa: E402
+from es2.io import write_json, write_text  # noqa: E402
+
+
+def _es2(*args: str) -> None:
+    cmd = [sys.executable, "-m", "es2.cli", *args]
+    print("+", " ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def run_one(out: Path, overrides: list[str], seed: int, profile: str, limit: int, attacks: str | None) -> dict:
+    """Train and evaluate one variant at one seed; a run whose evaluation finished is read back, not redone."""
+    metrics = out / "eval" / "metrics.json"
+    if not metrics.exists():
+        sets = [x for o in [*overrides, f"train.seed={seed}", f"evaluate.profile={profile}"] for x in ("--set", o)]
+        started = time.perf_counter()
+        _es2("train", "--out", str(out / "train"), *sets)
+        trained = time.perf_counter()
+        _es2("evaluate", "--model", str(out / "train" / "adapter"), "--baseline", "train-base", "--limit", str(limit),
+             "--out", str(out / "eval"), *(["--attacks", attacks] if attacks else []), *sets)
+        write_json(out / "timing.json", {"train_s": round(trained - started, 1),
+                                         "evaluate_s": round(time.perf_counter() - trained, 1)})
+    return json.loads(metrics.read_text())
+
+
+def goal_row(variant: str, seed: int, m: dict, goals: dict) -> dict:
+    """The goal figures of one run and which goals it meets."""
+    worst = max(m.get("headline/prefill_asr_worst", 0.0), m.get("headline/injection_asr_worst", 0.0))
+    row = {"variant": variant, "seed": seed, "n": m.get("n/direct_asr"),
+           "over_refusal": m.get("headline/over_refusal"),
+           "over_refusal_borderline": m.get("headline/over_refusal_borderline"),
+           "direct_refusal": 1 - m["headline/direct_asr"], "worst_prefill_injection_asr": worst,
+           "kl_to_warm_start": m.get("capability/kl_to_baseline"),
+           "mc_accuracy": m.get("headline/mc_accuracy"), "mc_pvalue": m.get("pvalue/mc_accuracy"),
+           "mc_diff": m.get("diff/mc_accuracy")}
+    met = {"over_refusal": row["over_refusal"] is not None and row["over_refusal"] <= goals["over_refusal_max"],
+           "borderline": (row["over_refusal_borderline"] is not None
+                          and row["over_refusal_borderline"] <= goals["over_refusal_borderline_max"]),
+           "direct_refusal": row["direct_refusal"] >= goals["direct_refusal_min"],
+           "prefill_injection": worst <= goals["worst_prefill_injection_asr_max"],
+           "kl": row["kl_to_warm_start"] is not None and row["kl_to_warm_start"] <= goals["kl_to_warm_start_max"],
+           # not lower: a drop that a paired test shows at 0.05 fails
+           "mc": not (row["mc_diff"] is not None and row["mc_diff"] < 0 and (row["mc_pvalue"] or 1) < 0.05)}
+    for attack in goals["effort_attacks"]:
+        model, base = m.get(f"effort/{attack}/median"), m.get(f"baseline/effort/{attack}/median")
+        row[f"effort_{attack}"] = None if model is None or not base else model / base
+        apart = m.get(f"effort/{attack}/ci_low", -math.inf) > m.get(f"baseline/effort/{attack}/ci_high", math.inf)
+        met[f"effort_{attack}"] = (row[f"effort_{attack}"] or 0) >= goals["effort_ratio_min"] and apart
+    row["goals_met"] = sum(met.values())
+    row["goals_failed"] = [k for k, ok in met.items() if not ok]
+    return row
+
+
+def _cell(value, pct: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.0f}%" if pct else f"{value:.3g}"
+
+
+def table(rows: list[dict], attacks: list[str], n_goals: int) -> str:
+    head = ("| variant | seed | over-refusal | borderline | direct refusal | worst prefill/injection ASR | "
+            + " | ".join(f"effort {a} (x warm)" for a in attacks) + f" | KL | MC | goals met (of {n_goals}) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        cells = [r["variant"], str(r["seed"]), _cell(r["over_refusal"], True), _cell(r["over_refusal_borderline"], True),
+                 _cell(r["direct_refusal"], True), _cell(r["worst_prefill_injection_asr"], True),
+                 *(_cell(r[f"effort_{a}"]) for a in attacks), _cell(r["kl_to_warm_start"]),
+                 _cell(r["mc_accuracy"], True), f"{r['goals_met']} (fails: {', '.join(r['goals_failed']) or 'none'})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\nn = {rows[0]['n']} harmful and {rows[0]['n']} benign prompts per run.\n"
+
+
+def frontier(path: Path, rows: list[dict], attacks: list[str]) -> None:
+    """Over-refusal against harmful refusal and against the weakest effort ratio, every variant and seed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.2))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+        mine = [r for r in rows if r["variant"] == variant]
+        x = [100 * r["over_refusal"] for r in mine]
+        left.scatter(x, [100 * r["direct_refusal"] for r in mine], label=variant, color=f"C{i}")
+        weakest = [min((r[f"effort_{a}"] or 0.0) for a in attacks) or 1e-2 for r in mine]
+        right.scatter(x, weakest, label=variant, color=f"C{i}")
+    left.set(xlabel="over-refusal on benign prompts (%)", ylabel="direct-request refusal (%)",
+             title="safer without refusing everything: up and left")
+    right.set(xlabel="over-refusal on benign prompts (%)", ylabel="weakest effort ratio vs warm start",
+              yscale="log", title="harder to attack: up and left")
+    right.axhline(2.0, color="grey", linestyle=":")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def best_vs_default(out: Path, rows: list[dict], seeds: list[int]) -> str:
+    """The best variant (most goals met over its seeds, then least over-refusal) against `default`, on the same
+    prompts, seed by seed: McNemar on every headline figure (es2.headline)."""
+    scores: dict[str, tuple] = {}
+    for r in rows:
+        met, over = scores.get(r["variant"], (0, 0.0))
+        scores[r["variant"]] = (met + r["goals_met"], over - (r["over_refusal"] or 1))
+    best = max(scores, key=lambda v: scores[v])
+    if best == "default" or "default" not in scores:
+        return f"Best variant: {best}; the default stays."
+    lines = [f"Best variant: {best}. Paired against `default` on the same prompts (McNemar p per seed):"]
+    for seed in seeds:
+        roles = [json.loads((out / v / f"seed{seed}" / "eval" / "outcomes.json").read_text())["roles"]["model"]
+                 for v in (best, "default")]
+        diffs = [f"{r.figure} {r.diff:+.0%} (p = {r.pvalue:.2g})" for r in headline_rows(*roles)
+                 if r.pvalue is not None]
+        lines.append(f"- seed {seed}: " + "; ".join(diffs))
+    lines.append("It becomes the default only where it is better on the goal figures with p < 0.05.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", default=str(ROOT / "benchmarks" / "study.yaml"))
+    ap.add_argument("--variants", help="comma list of study.yaml variants (default: all)")
+    ap.add_argument("--seeds", help="comma list (default: study.yaml seeds)")
+    ap.add_argument("--profile", default="standard", help="evaluate.profile of every run")
+    ap.add_argument("--limit", type=int, default=24, help="prompts per set in every evaluation")
+    ap.add_argument("--attacks", help="comma list for a cheaper screening (default: evaluate.attacks; goals on "
+                                      "attacks left out count as failed)")
+    ap.add_argument("--out", default=str(ROOT / "artifacts" / "study"))
+    args = ap.parse_args(argv)
+    spec = yaml.safe_load(Path(args.spec).read_text())
+    variants = args.variants.split(",") if args.variants else list(spec["variants"])
+    unknown = [v for v in variants if v not in spec["variants"]]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}: study.yaml has {list(spec['variants'])}")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else spec["seeds"]
+    if not (ROOT / "artifacts" / "align" / "adapter").exists():
+        raise SystemExit("no warm start in artifacts/align: run `dvc repro align` first (every variant starts from it)")
+    out, goals = Path(args.out), spec["goals"]
+    rows = [goal_row(v, s, run_one(out / v / f"seed{s}", spec["variants"][v], s, args.profile, args.limit,
+                                  args.attacks), goals)
+            for v in variants for s in seeds]
+    attacks = goals["effort_attacks"]
+    n_goals = 6 + len(attacks)
+    text = (f"# Equal-budget study (profile `{args.profile}`, seeds {seeds})\n\n" + table(rows, attacks, n_goals)
+            + "\n" + best_vs_default(out, rows, seeds) + "\n")
+    write_json(out / "study.json", rows)
+    write_text(out / "study.md", text)
+    frontier(out / "frontier.png", rows, attacks)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
