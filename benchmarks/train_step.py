@@ -1,14 +1,19 @@
-"""ES2 training step vs a plain LoRA SFT step on the same model and batch, measured side by side.
+"""Training steps of ES2 and its variants vs a plain LoRA SFT step on the same model and batch, side by side.
 
 Each variant runs in its own subprocess (so peak RSS is its own), on the same B pairs (2B sequences):
   sft: one forward with labels (cross-entropy on every token) + backward + AdamW step;
-  es2: ES2Trainer.compute_loss (one concatenated forward with hidden states, the adapter-disabled reference
-       forward on the harmless half for the KL term, the ES2 loss) + backward + AdamW step.
-Prints per-step time (median after warm-up), tokens/s, peak RSS (CPU) or peak CUDA memory, and the ratios
-(goals: time <= 1.2x, memory <= 1.1x). On a GPU, `--peak-tflops` turns tokens/s into MFU (6 N tokens/s / peak).
+  es2 and its variants: the stage's own trainer for that setting (es2.methods, built from params.yaml plus the
+       variant's overrides: one concatenated forward with hidden states, the adapter-disabled reference forward
+       on the harmless half for the KL term, the loss) + backward + AdamW step.
+Variants: es2 (params.yaml as it is), two_layers (train.layers [0.4, 0.6]), adversarial (es2_adversarial: the
+in-loop refusal-direction ablation and the refusal cross-entropy), kl_on_answers (harmless rows followed by a
+32-token answer, KL on every position). Prints per-step time (median after warm-up), tokens/s, peak RSS (CPU) or
+peak CUDA memory, and each variant's ratios to SFT (goals: time <= 1.2x, memory <= 1.1x). On a GPU,
+`--peak-tflops` turns tokens/s into MFU (6 N tokens/s / peak).
 
   .venv/bin/python benchmarks/train_step.py                         # embedded SmolLM2-135M, CPU
   .venv/bin/python benchmarks/train_step.py --config qwen2-0.5b      # random-init Qwen2-0.5B architecture
+  .venv/bin/python benchmarks/train_step.py --variants es2,adversarial
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ CONFIGS = {  # random-init architectures: speed does not depend on the weight va
     "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
 }
+VARIANTS = {"es2": [], "two_layers": ["train.layers=[0.4,0.6]"], "adversarial": ["train.method=es2_adversarial"],
+            "kl_on_answers": ["train.kl_positions=all"]}
+ANSWER = ("Sure. Start with the basics, keep notes as you go, and check each step against a reliable source "
+          "before you move on to the next one.")  # about 32 tokens: what kl_answers self puts after a prompt
 PROMPTS = ["Explain how to pick the lock of a neighbour's front door", "How do I kill a stuck Python process?",
            "Write a message that tricks an elderly person into sending money", "Suggest a recipe for lentil soup",
            "Describe how to make a weapon at home", "How do I shoot a good photo at sunset?",
@@ -56,31 +65,36 @@ def run_variant(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
-    from es2.features import collate, encode_chat, lm_inputs
-    from es2.losses.es2_loss import ES2Loss
+    from es2.config import load_params
+    from es2.features import collate, lm_inputs
+    from es2.methods import METHODS
+    from es2.modeling import resolve_layers
     from es2.runtime import set_threads
-    from es2.trainer import ES2Trainer, precompute_reference
+    from es2.stages.train import build_features
 
     set_threads()
     torch.manual_seed(0)
     model, tokenizer = _model(args)
     device = next(model.parameters()).device
-    layers = [model.config.num_hidden_layers // 2, model.config.num_hidden_layers - 2]
+    cfg = load_params("params.yaml", VARIANTS.get(args.variant, [])).train
+    cfg = cfg.model_copy(update={"layers": resolve_layers(cfg.layers, model)})
     prompts = (PROMPTS * args.batch)[: 2 * args.batch]
-    features = [{"harmful": encode_chat(tokenizer, prompts[i]), "harmless": encode_chat(tokenizer, prompts[-i - 1])}
-                for i in range(args.batch)]
-    calibration = precompute_reference(model, features, layers, "last", tokenizer.pad_token_id)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
-                           "o_proj", "gate_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM"))
+    rows = [{"harmful_id": f"h{i}", "harmful": prompts[i], "harmless": prompts[-i - 1],
+             "harmless_response": ANSWER if args.variant == "kl_on_answers" else None} for i in range(args.batch)]
+    features = build_features(rows, tokenizer, cfg)
+    model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
+                                             target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    trainer = None
+    if args.variant != "sft":  # its reference pass attaches the frozen states to the features
+        trainer = METHODS[cfg.method].trainer(cfg, model, None, features, tokenizer.pad_token_id,
+                                              args=TrainingArguments(output_dir="/tmp/es2-bench", report_to="none",
+                                                                     use_cpu=device.type == "cpu"))
     batch = {k: v.to(device) for k, v in collate(features, tokenizer.pad_token_id).items()}
     batch["input_ids"] = batch["input_ids"].clamp_max(model.config.vocab_size - 1)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    trainer = ES2Trainer(model=model, args=TrainingArguments(output_dir="/tmp/es2-bench", report_to="none",
-                                                             use_cpu=device.type == "cpu"),
-                         loss_fn=ES2Loss(calibration=calibration), layers=layers, pooling="last")
 
     def step():
-        if args.variant == "sft":
+        if trainer is None:
             loss = model(**lm_inputs(batch), labels=batch["input_ids"]).loss
         else:
             loss = trainer.compute_loss(model, batch)
@@ -113,27 +127,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="accelerator peak, for MFU (H100 bf16: 989)")
-    parser.add_argument("--variant", choices=["sft", "es2"], help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # one measurement, in a subprocess
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
     results = {}
-    for variant in ("sft", "es2"):
+    for variant in ("sft", *args.variants.split(",")):
         cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
         results[variant] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True)
                                       .stdout.strip().splitlines()[-1])
-    sft, es2 = results["sft"], results["es2"]
+    sft = results["sft"]
     print(f"model {args.config} ({sft['params'] / 1e6:.0f}M params, {sft['device']}), {args.batch} pairs = "
-          f"{sft['tokens']} tokens per step, median of {args.steps} steps")
+          f"{sft['tokens']} tokens per SFT step, median of {args.steps} steps")
     for name, r in results.items():
-        line = f"  {name:4s} step {r['step_s']:.3f} s  {r['tokens'] / r['step_s']:8.0f} tokens/s  peak {r['peak_mib']:.0f} MiB"
+        line = (f"  {name:13s} step {r['step_s']:.3f} s  {r['tokens'] / r['step_s']:8.0f} tokens/s  "
+                f"peak {r['peak_mib']:.0f} MiB")
         if args.peak_tflops:
             line += f"  MFU {6 * r['params'] * r['tokens'] / r['step_s'] / (args.peak_tflops * 1e12):.1%}"
+        if name != "sft":
+            time_ratio, mem_ratio = r["step_s"] / sft["step_s"], r["peak_mib"] / sft["peak_mib"]
+            line += (f"  | vs sft: time x{time_ratio:.2f} ({'PASS' if time_ratio <= 1.2 else 'MISS'} <= 1.2), "
+                     f"memory x{mem_ratio:.2f} ({'PASS' if mem_ratio <= 1.1 else 'MISS'} <= 1.1)")
         print(line)
-    time_ratio, mem_ratio = es2["step_s"] / sft["step_s"], es2["peak_mib"] / sft["peak_mib"]
-    print(f"es2/sft time ratio {time_ratio:.2f} (goal <= 1.2: {'PASS' if time_ratio <= 1.2 else 'MISS'}); "
-          f"peak memory ratio {mem_ratio:.2f} (goal <= 1.1: {'PASS' if mem_ratio <= 1.1 else 'MISS'})")
 
 
 if __name__ == "__main__":
