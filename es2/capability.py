@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from es2.errors import DataError
+from es2.features import left_pad, pad_id_of
 from es2.generation import _accepts, chat_prompts
 from es2.judges import is_refusal, wilson_interval
 from es2.losses.tokens import kl_divergence
@@ -38,22 +39,6 @@ def mmlu_sample_path() -> Path:
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask and position_ids (0 at each row's first real token) for left padding."""
-    width = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq):] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @contextmanager
@@ -114,7 +99,7 @@ def per_token_kl(model, reference, tokenizer, prompts: list[str], responses: lis
     total, count = 0.0, 0.0
     with _eval_mode(model), torch.inference_mode():
         for start in range(0, len(prompt_ids), batch_size):
-            ids, mask, positions = _left_pad(prompt_ids[start:start + batch_size], _pad_id(tokenizer))
+            ids, mask, positions = left_pad(prompt_ids[start:start + batch_size], pad_id_of(tokenizer))
             logits = _forward(model, ids, mask, positions).logits
             with _reference(reference) as ref_model, _eval_mode(ref_model):
                 ref_logits = _forward(ref_model, ids, mask, positions).logits
@@ -166,7 +151,7 @@ def answer_kl(model, reference, tokenizer, prompts: list[str], answers: list, ba
             width = max(len(answer_ids[i]) for i in index)
             if width == 0:
                 continue
-            ids, mask, positions = _left_pad([sequences[i] for i in index], _pad_id(tokenizer))
+            ids, mask, positions = left_pad([sequences[i] for i in index], pad_id_of(tokenizer))
             logits = _answer_logits(model, ids, mask, positions, width)
             with _reference(reference) as ref_model, _eval_mode(ref_model):
                 ref_logits = _answer_logits(ref_model, ids, mask, positions, width).to(logits.device)

@@ -67,6 +67,27 @@ def encode_chat(tokenizer, prompt: str, response: str | None = None, max_length:
             "loss_start": len(ids) + len(prefix_ids)}
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its end-of-sequence token (padding is masked out)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad token-id sequences into one batch: input_ids, attention_mask and position_ids, long [N, T].
+
+    Every row ends at the last column, so each row's next token is read at index -1. The attention mask is 1
+    on real tokens; the position ids count from 0 at each row's first real token (0 on padding), so a row's
+    outputs do not depend on how much padding its batch needed. An empty sequence is a row of padding.
+    """
+    width = max((len(seq) for seq in sequences), default=0)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def collate(features: list[dict], pad_token_id: int) -> dict:
     """Stack B pair features into 2B left-padded rows: harmful rows first, then harmless ones.
 
@@ -76,23 +97,20 @@ def collate(features: list[dict], pad_token_id: int) -> dict:
     and ref_reps [2B, L, D] when the features carry precomputed reference representations.
     """
     rows = [f["harmful"] for f in features] + [f["harmless"] for f in features]
-    width = max(len(r["input_ids"]) for r in rows)
-    batch = {key: torch.zeros(len(rows), width, dtype=torch.long)
-             for key in ("input_ids", "attention_mask", "span_mask", "prompt_mask")}
-    batch["input_ids"].fill_(pad_token_id)
+    ids, mask, positions = left_pad([r["input_ids"] for r in rows], pad_token_id)
+    width = ids.shape[1]
+    batch = {"input_ids": ids, "attention_mask": mask,
+             **{key: torch.zeros(len(rows), width, dtype=torch.long) for key in ("span_mask", "prompt_mask")}}
     batch["labels"] = torch.full((len(rows), width), -100, dtype=torch.long)
     batch["rep_index"] = torch.zeros(len(rows), dtype=torch.long)
     for i, row in enumerate(rows):
         pad = width - len(row["input_ids"])
-        ids = torch.tensor(row["input_ids"])
-        batch["input_ids"][i, pad:] = ids
-        batch["attention_mask"][i, pad:] = 1
         batch["span_mask"][i, pad:] = torch.tensor(row["span"])
         batch["prompt_mask"][i, pad:pad + row["prompt_len"]] = 1
-        loss_start = row.get("loss_start", row["prompt_len"])
-        batch["labels"][i, pad + loss_start:] = ids[loss_start:]
+        loss_start = pad + row.get("loss_start", row["prompt_len"])
+        batch["labels"][i, loss_start:] = ids[i, loss_start:]
         batch["rep_index"][i] = pad + row["prompt_len"] - 1
-    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
+    batch["position_ids"] = positions
     if "ref_reps" in features[0]["harmful"]:
         batch["ref_reps"] = torch.stack([torch.as_tensor(r["ref_reps"]) for r in rows])
     return batch

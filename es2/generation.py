@@ -4,8 +4,8 @@ Conventions shared by every function here:
   - A prompt is one user message; it is rendered with the tokenizer's chat template and the generation
     prompt (`chat_prompts`), then tokenized with `add_special_tokens=False`: the template already writes
     any BOS token, and adding it again would shift every position.
-  - Batches are LEFT-padded (every sequence ends at index -1, so new tokens line up); the tokenizer's
-    `padding_side` is set only for the duration of a call and restored afterwards.
+  - Batches are LEFT-padded by `es2.features.left_pad` (every sequence ends at index -1, so new tokens line
+    up); the tokenizer never pads, so its `padding_side` does not matter.
   - Inputs are sorted by token length (longest first) so each batch holds similar lengths and the largest
     batch runs first (an out-of-memory error shows up at once); results come back in the caller's order.
 """
@@ -17,6 +17,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Callable
 
 import torch
+
+from es2.features import left_pad, pad_id_of
 
 
 def chat_prompts(tokenizer, prompts: list[str], system: str | None = None) -> list[str]:
@@ -82,21 +84,21 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
     texts = chat_prompts(tokenizer, prompts, system) if chat else list(prompts)
     if prefill is not None:
         texts = [text + pre for text, pre in zip(texts, prefill)]
-    device = _device(model)
+    device, pad_id = _device(model), pad_id_of(tokenizer)
     outputs: list[str | None] = [None] * len(texts)
-    with _left_padding(tokenizer), torch.inference_mode():
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        order = _length_order(lengths)
+    with torch.inference_mode():
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        order = _length_order([len(ids) for ids in encoded])
         with _progress(len(texts), progress, "generate") as bar:
             for start in range(0, len(order), batch_size):
                 index = order[start:start + batch_size]
-                batch = tokenizer([texts[i] for i in index], add_special_tokens=False, padding=True,
-                                  return_tensors="pt").to(device)
+                # no position ids: generate derives them from the attention mask, at every decoding step
+                ids, mask, _ = left_pad([encoded[i] for i in index], pad_id)
                 with around_batch(index) if around_batch is not None else nullcontext():
-                    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                         pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,
-                                         top_k=None)
-                new = out[:, batch["input_ids"].shape[1]:]
+                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                         max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                         pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
+                new = out[:, ids.shape[1]:]
                 for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
                     outputs[i] = text
                 bar.update(len(index))
@@ -129,28 +131,21 @@ def sequence_logprob(model, tokenizer, prompts: list[str], continuations: list[s
     if any(not p for p in prompt_ids):
         raise ValueError("every prompt needs at least one token (the first continuation token needs context)")
     sequences = [p + c for p, c in zip(prompt_ids, cont_ids)]
-    device = _device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device, pad_id = _device(model), pad_id_of(tokenizer)
     keep_logits = _accepts(model, "logits_to_keep")
     result = torch.zeros(len(texts), dtype=torch.float32)
     order = _length_order([len(s) for s in sequences])
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            width = max(len(sequences[i]) for i in index)
             n_cont = max(len(cont_ids[i]) for i in index)
             if n_cont == 0:
                 continue
-            ids = torch.full((len(index), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(index), width), dtype=torch.long)
+            ids, mask, position_ids = left_pad([sequences[i] for i in index], pad_id)
             scored = torch.zeros((len(index), n_cont), dtype=torch.bool)  # over the last n_cont positions
             for row, i in enumerate(index):
-                seq = sequences[i]
-                ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                mask[row, width - len(seq):] = 1
                 if cont_ids[i]:
                     scored[row, n_cont - len(cont_ids[i]):] = True
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             kwargs = {"logits_to_keep": n_cont + 1} if keep_logits else {}
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            position_ids=position_ids.to(device), use_cache=False, **kwargs).logits

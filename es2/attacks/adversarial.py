@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from es2.features import left_pad
 from es2.generation import chat_prompts
 
 # Short refusal openings from the project's two sources: the keyword judges' phrases (es2/judges/keywords.py:
@@ -152,6 +153,7 @@ class Layout:
     right-padded."""
     ids: torch.Tensor  # [owners, width]
     mask: torch.Tensor  # [owners, width], 1 on real tokens
+    positions: torch.Tensor  # [owners, width], position ids from 0 at each row's first real token
     adv: torch.Tensor  # [owners, width] bool, the adversarial positions (placeholders in ids)
     target_scored: torch.Tensor  # [owners, n_target] bool, over the last n_target columns
     cont: torch.Tensor  # [rows, n_cont], the openings (pad ids after their end)
@@ -160,26 +162,22 @@ class Layout:
     slot: torch.Tensor  # [rows]
     slots: int
 
-    @property
-    def positions(self) -> torch.Tensor:
-        return (self.mask.cumsum(-1) - 1).clamp(min=0)
-
     def tile(self, k: int) -> Layout:
         """k copies of the layout, copy c's prefix rows after copy c-1's (GCG's candidates of one prompt)."""
         rep = lambda t: t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
         shift = torch.arange(k, device=self.owner.device).repeat_interleave(self.owner.shape[0])
-        return Layout(rep(self.ids), rep(self.mask), rep(self.adv), rep(self.target_scored), rep(self.cont),
-                      rep(self.cont_scored), rep(self.owner) + shift * self.ids.shape[0], rep(self.slot),
-                      self.slots)
+        return Layout(rep(self.ids), rep(self.mask), rep(self.positions), rep(self.adv), rep(self.target_scored),
+                      rep(self.cont), rep(self.cont_scored), rep(self.owner) + shift * self.ids.shape[0],
+                      rep(self.slot), self.slots)
 
 
 def build_layout(pieces, n_adv: int, pad_id: int, device) -> Layout:
     """The layout of `pieces`, per prompt (before ids, after ids, target ids, continuations: a list of id
     lists, [[]] for none), with `n_adv` placeholder positions for the adversarial insertion."""
     seqs = [before + [pad_id] * n_adv + after + target for before, after, target, _ in pieces]
-    width, n_target = max(map(len, seqs)), max(len(t) for _, _, t, _ in pieces)
-    ids = torch.full((len(pieces), width), pad_id, dtype=torch.long)
-    mask, adv = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    ids, mask, positions = left_pad(seqs, pad_id)
+    width, n_target = ids.shape[1], max(len(t) for _, _, t, _ in pieces)
+    adv = torch.zeros_like(ids, dtype=torch.bool)
     target_scored = torch.zeros((len(pieces), n_target), dtype=torch.bool)
     conts = [(i, j, c) for i, (*_, cs) in enumerate(pieces) for j, c in enumerate(cs) if c]
     n_cont = max((len(c) for *_, c in conts), default=0)
@@ -187,16 +185,14 @@ def build_layout(pieces, n_adv: int, pad_id: int, device) -> Layout:
     cont_scored = torch.zeros_like(cont, dtype=torch.bool)
     for i, (seq, (before, _, target, _)) in enumerate(zip(seqs, pieces)):
         offset = width - len(seq)
-        ids[i, offset:] = torch.tensor(seq, dtype=torch.long)
-        mask[i, offset:] = 1
         adv[i, offset + len(before):offset + len(before) + n_adv] = True
         target_scored[i, n_target - len(target):] = True
     for row, (_, _, c) in enumerate(conts):
         cont[row, :len(c)] = torch.tensor(c, dtype=torch.long)
         cont_scored[row, :len(c)] = True
     as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return Layout(ids.to(device), mask.to(device), adv.to(device), target_scored.to(device), cont.to(device),
-                  cont_scored.to(device), as_long([i for i, _, _ in conts]),
+    return Layout(ids.to(device), mask.to(device), positions.to(device), adv.to(device), target_scored.to(device),
+                  cont.to(device), cont_scored.to(device), as_long([i for i, _, _ in conts]),
                   as_long([j for _, j, _ in conts]), max(len(cs) for *_, cs in pieces))
 
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from es2.features import left_pad, pad_id_of
 from es2.generation import _device, _length_order, chat_prompts
 
 
@@ -108,20 +109,13 @@ def states_at_last_token(model, tokenizer, ids: list[list[int]], layers, batch_s
     Left-padded batches with position ids from the attention mask, so a row's states do not depend on padding.
     """
     layers = [int(layer) for layer in layers]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = _device(model)
+    pad, device = pad_id_of(tokenizer), _device(model)
     out = {layer: [None] * len(ids) for layer in layers}
     order = _length_order([len(x) for x in ids])
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
-            width = max(len(ids[i]) for i in index)
-            input_ids = torch.full((len(index), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(index), width), dtype=torch.long)
-            for row, i in enumerate(index):
-                input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
-                mask[row, width - len(ids[i]):] = 1
-            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+            input_ids, mask, position_ids = left_pad([ids[i] for i in index], pad)
             hidden = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                            position_ids=position_ids.to(device), use_cache=False,
                            output_hidden_states=True).hidden_states
