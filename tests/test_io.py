@@ -6,7 +6,7 @@ import pytest
 
 import es2.io
 from es2.data.importers import import_records, write_records
-from es2.io import atomic_path, write_json, write_jsonl, write_text
+from es2.io import atomic_dir, atomic_path, write_json, write_jsonl, write_text
 from tests.conftest import FIXTURES
 
 
@@ -62,3 +62,38 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
             tmp.write_text("partial")
             raise RuntimeError("interrupted")
     assert target.read_text() == "good" and [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+def test_atomic_dir_swaps_the_finished_folder_in_for_the_old_one(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "old.bin").write_text("old")
+    with atomic_dir(target) as staging:
+        assert staging.parent == tmp_path and list(staging.iterdir()) == []
+        (staging / "new.bin").write_text("new")
+        assert (target / "old.bin").read_text() == "old"  # the old folder serves until the block succeeds
+    assert [p.name for p in target.iterdir()] == ["new.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_a_failed_atomic_dir_leaves_the_old_folder_and_no_staging_folder(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "old.bin").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as staging:
+            (staging / "half.bin").write_text("partial")
+            raise RuntimeError("interrupted")
+    assert [p.name for p in target.iterdir()] == ["old.bin"] and (target / "old.bin").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_a_new_atomic_dir_gets_its_parents_and_the_mode_a_plain_mkdir_gives(tmp_path):
+    target = tmp_path / "cache" / "models" / "aligned"
+    old = os.umask(0o027)
+    try:
+        with atomic_dir(target) as staging:
+            (staging / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (target / "config.json").read_text() == "{}" and target.stat().st_mode & 0o777 == 0o750

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from es2.config import Params
 from es2.errors import ConfigError
-from es2.io import write_json, write_text
+from es2.io import atomic_dir, write_json, write_text
 
 ALIGN_DIR = Path("artifacts/align")
 
@@ -107,12 +107,9 @@ def run_align(params: Params, out_dir: str | Path = ALIGN_DIR, pairs_dir: str | 
     model.eval()
     after = refusal_rates(model, tokenizer, held_harmful, held_harmless, cfg.eval_max_new_tokens)
 
-    staging = out_dir / ".adapter.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
-    make_portable(staging)  # names the base model by its alias, not this machine's cache path
-    shutil.rmtree(out_dir / "adapter", ignore_errors=True)
-    staging.rename(out_dir / "adapter")
+    with atomic_dir(out_dir / "adapter") as staging:
+        model.save_pretrained(str(staging))
+        make_portable(staging)  # names the base model by its alias, not this machine's cache path
     metrics = {"enabled": True, "steps": cfg.steps, "train_harmful": len(harmful), "train_harmless": len(harmless),
                "before": before, "after": after, "wall_seconds": round(time.perf_counter() - started, 1)}
     write_json(out_dir / "metrics.json", metrics)

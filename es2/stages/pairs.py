@@ -12,7 +12,7 @@ from es2.data.pairs import choose_partners, max_cross_similarity, near_duplicate
 from es2.data.schema import read_records
 from es2.embeddings import encode
 from es2.errors import DataError
-from es2.io import write_json, write_jsonl
+from es2.io import atomic_path, write_json, write_jsonl
 
 SPLITS = ("train", "val", "eval")
 
@@ -55,10 +55,9 @@ def _plot(similarities: dict[str, np.ndarray], path: Path) -> None:
     ax.set_ylabel("pairs")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def run_pairs(params: Params, out_dir: str | Path = "artifacts/pairs", progress: bool = True) -> dict:

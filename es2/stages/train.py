@@ -19,7 +19,7 @@ import torch
 from es2.config import Params
 from es2.errors import ConfigError, DataError
 from es2.features import collate, encode_chat
-from es2.io import write_json
+from es2.io import atomic_path, replace_dir, write_json
 from es2.stages.align import aligned_model_dir
 
 CURVE_KEYS = ("loss", "loss/separation", "loss/kl", "loss/refusal", "loss/reroute", "loss/retain", "grad_norm")
@@ -138,10 +138,9 @@ def _save_curve(log_history: list[dict], out_dir: Path) -> None:
         ax.set_title(key)
         ax.set_xlabel("step")
     fig.tight_layout()
-    tmp = out_dir / ".curve.tmp.png"
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(out_dir / "curve.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
-    tmp.replace(out_dir / "curve.png")
 
 
 def last_complete_checkpoint(checkpoints: Path) -> str | None:
@@ -236,15 +235,14 @@ def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir
         raise ConfigError("train.grad_accum > 1 under DeepSpeed would step the optimizer once per micro-batch",
                           "use train.grad_accum: 1 with DeepSpeed and raise train.batch_size instead")
     trainer.train(resume_from_checkpoint=last)
-    staging = out_dir / ".adapter.tmp"
+    staging = out_dir / ".adapter.tmp"  # a fixed name, not atomic_dir's unique one: all ranks write into it
     trainer.save_model(str(staging))  # every rank takes part: FSDP and ZeRO-3 gather the weights here
     if not trainer.is_world_process_zero():
         return {}
     if cfg.full_finetune:  # the folder is the whole model: whoever loads it (metrics below, evaluate) needs this
         tokenizer.save_pretrained(str(staging))
     make_portable(staging)  # names the warm start so that the adapter loads after `dvc pull` elsewhere
-    shutil.rmtree(out_dir / "adapter", ignore_errors=True)
-    staging.rename(out_dir / "adapter")
+    replace_dir(staging, out_dir / "adapter")
 
     # Held-out geometry from the saved files on this process alone: works whatever the training sharding was,
     # and checks that the adapter reloads.
