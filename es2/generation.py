@@ -13,7 +13,7 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import inspect
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
 import torch
@@ -30,21 +30,6 @@ def chat_prompts(tokenizer, prompts: list[str], system: str | None = None) -> li
         messages.append({"role": "user", "content": prompt})
         rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     return rendered
-
-
-@contextmanager
-def _left_padding(tokenizer):
-    """Temporarily left-pad (and give the tokenizer a pad token if it has none); restore both on exit."""
-    side, pad = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        yield tokenizer
-    finally:
-        tokenizer.padding_side = side
-        if pad is None:
-            tokenizer.pad_token = None
 
 
 def _device(model) -> torch.device:

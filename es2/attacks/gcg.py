@@ -35,10 +35,29 @@ import logging
 import torch
 
 from es2.attacks import AttackResult
-from es2.attacks.adversarial import (REFUSAL_OPENINGS, build_layout, check_arguments, filler_ids,
-                                     forward_terms, frozen_model, refusal_ids, split_chat, target_ids)
-from es2.attacks.search import (Judge, Track, allowed_ids, banned_ids, checkpoint_steps, generate_from_embeds,
-                                judge_inputs, prompt_generator, random_ids)
+from es2.attacks.adversarial import (
+    REFUSAL_OPENINGS,
+    build_layout,
+    check_arguments,
+    filler_ids,
+    forward_terms,
+    frozen_model,
+    refusal_ids,
+    split_chat,
+    target_ids,
+)
+from es2.attacks.search import (
+    Judge,
+    Track,
+    allowed_ids,
+    banned_ids,
+    checkpoint_steps,
+    generate_from_embeds,
+    judge_inputs,
+    prompt_generator,
+    random_ids,
+)
+from es2.features import pad_id_of
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +163,7 @@ class _Search:
         self.emb_layer = model.get_input_embeddings()
         self.device = self.emb_layer.weight.device
         self.banned = banned.to(self.device)
-        self.layout = build_layout([piece], n, tokenizer.pad_token_id, self.device)
+        self.layout = build_layout([piece], n, pad_id_of(tokenizer), self.device)
         self.history: list[list[float]] = []
 
     def begin(self, init_ids: list[int]) -> float:
@@ -222,7 +241,7 @@ class _Search:
     def final_figures(self, suffix: list[int], refusals: list[list[int]]) -> dict:
         """Target loss, objective and log P_R of `suffix` (the openings scored whatever the objective)."""
         before, after, target, _ = self.piece
-        layout = build_layout([(before, after, target, refusals)], self.n, self.tokenizer.pad_token_id,
+        layout = build_layout([(before, after, target, refusals)], self.n, pad_id_of(self.tokenizer),
                               self.device)
         ids = layout.ids.clone()
         ids[layout.adv] = torch.tensor(suffix, device=self.device)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from es2.generation import _left_padding, _length_order
+from es2.features import pad_id_of
+from es2.generation import _length_order
 
 Judge = Callable[[list[str], list[str]], list[bool]]
 
@@ -90,8 +91,8 @@ def generate_from_embeds(model, tokenizer, embeds: list[torch.Tensor], max_new_t
     emb_layer = model.get_input_embeddings()
     device, dtype = emb_layer.weight.device, emb_layer.weight.dtype
     outputs: list[str | None] = [None] * len(embeds)
-    with _left_padding(tokenizer), torch.inference_mode():
-        pad = emb_layer(torch.tensor([tokenizer.pad_token_id], device=device))[0]
+    with torch.inference_mode():
+        pad = emb_layer(torch.tensor([pad_id_of(tokenizer)], device=device))[0]
         order = _length_order([e.shape[0] for e in embeds])
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
@@ -103,7 +104,7 @@ def generate_from_embeds(model, tokenizer, embeds: list[torch.Tensor], max_new_t
                 batch[row, width - length:] = embeds[i].to(device, dtype)
                 mask[row, width - length:] = 1
             out = model.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id,
+                                 do_sample=False, use_cache=True, pad_token_id=pad_id_of(tokenizer),
                                  temperature=None, top_p=None, top_k=None)
             # with inputs_embeds only, decoder-only generate returns just the new tokens
             for i, text in zip(index, tokenizer.batch_decode(out, skip_special_tokens=True)):

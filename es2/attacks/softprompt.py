@@ -31,11 +31,29 @@ from dataclasses import dataclass
 import torch
 
 from es2.attacks import AttackResult
-from es2.attacks.adversarial import (REFUSAL_OPENINGS, build_layout, check_arguments, filler_ids,
-                                     forward_terms, frozen_model, refusal_ids, split_chat, target_ids)
-from es2.attacks.search import (Judge, Track, allowed_ids, checkpoint_steps, generate_from_embeds,
-                                judge_inputs, prompt_generator, random_ids)
-from es2.generation import _left_padding, _length_order
+from es2.attacks.adversarial import (
+    REFUSAL_OPENINGS,
+    build_layout,
+    check_arguments,
+    filler_ids,
+    forward_terms,
+    frozen_model,
+    refusal_ids,
+    split_chat,
+    target_ids,
+)
+from es2.attacks.search import (
+    Judge,
+    Track,
+    allowed_ids,
+    checkpoint_steps,
+    generate_from_embeds,
+    judge_inputs,
+    prompt_generator,
+    random_ids,
+)
+from es2.features import pad_id_of
+from es2.generation import _length_order
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +85,8 @@ def soft_prompt(model, tokenizer, prompts: list[str], targets: list[str], n_toke
     order = _length_order([len(b) + len(a) + len(t) for (b, a), t in zip(splits, t_ids)])
     from tqdm.auto import tqdm
 
-    with frozen_model(model), _left_padding(tokenizer), \
-            tqdm(total=len(prompts) * restarts * steps, disable=not progress, desc=name, unit="step",
-                 leave=False) as bar:
+    with frozen_model(model), tqdm(total=len(prompts) * restarts * steps, disable=not progress, desc=name,
+                                   unit="step", leave=False) as bar:
         run.bar = bar
         allowed = allowed_ids(tokenizer, model.get_input_embeddings().num_embeddings, allow_non_ascii=True)
         for first in range(0, len(order), batch_size):
@@ -136,7 +153,7 @@ def _run_start(run: _Run, live: list[int], inits: list[list[int]], start: int):
     model, steps = run.model, run.steps
     emb_layer = model.get_input_embeddings()
     device = emb_layer.weight.device
-    layout = build_layout([run.pieces[i] for i in live], run.n_tokens, run.tokenizer.pad_token_id, device)
+    layout = build_layout([run.pieces[i] for i in live], run.n_tokens, pad_id_of(run.tokenizer), device)
     with torch.no_grad():
         base = emb_layer(layout.ids)
         free = emb_layer(torch.tensor(inits, dtype=torch.long, device=device)).float()
@@ -205,7 +222,7 @@ def _final_figures(run: _Run, order: list[int], pieces: list[tuple]) -> list[dic
     with torch.no_grad():
         for first in range(0, len(order), run.batch_size):
             index = order[first:first + run.batch_size]
-            layout = build_layout([pieces[i] for i in index], run.n_tokens, run.tokenizer.pad_token_id,
+            layout = build_layout([pieces[i] for i in index], run.n_tokens, pad_id_of(run.tokenizer),
                                   device)
             soft = torch.stack([tracks[i].best for i in index]).to(device)
             terms = forward_terms(model, layout, _insert(emb_layer(layout.ids), layout, soft), run.weight)
