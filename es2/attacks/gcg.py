@@ -35,28 +35,10 @@ import logging
 import torch
 
 from es2.attacks import AttackResult
-from es2.attacks.adversarial import (
-    REFUSAL_OPENINGS,
-    build_layout,
-    check_arguments,
-    filler_ids,
-    forward_terms,
-    frozen_model,
-    refusal_ids,
-    split_chat,
-    target_ids,
-)
-from es2.attacks.search import (
-    Judge,
-    Track,
-    allowed_ids,
-    banned_ids,
-    checkpoint_steps,
-    generate_from_embeds,
-    judge_inputs,
-    prompt_generator,
-    random_ids,
-)
+from es2.attacks.adversarial import (REFUSAL_OPENINGS, build_layout, check_arguments, filler_ids,
+                                     forward_terms, frozen_model, refusal_ids, split_chat, target_ids)
+from es2.attacks.search import (Judge, Track, allowed_ids, banned_ids, checkpoint_steps, generate_from_embeds,
+                                judge_inputs, prompt_generator, random_ids)
 from es2.features import pad_id_of
 
 log = logging.getLogger(__name__)
