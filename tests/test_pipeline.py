@@ -4,6 +4,7 @@ ignores and each stage's deps and params must agree with it and with the code th
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import tomllib
 
@@ -12,7 +13,7 @@ import pytest
 
 from es2.cli import PARAMS_COMMANDS
 from es2.config import load_params
-from es2.pipeline import ROOT, STAGES, code_deps, dvc_yaml, import_closure, module_file, stage
+from es2.pipeline import ARTIFACTS, ROOT, STAGES, code_deps, dvc_yaml, import_closure, module_file, stage
 from tests.conftest import REPO
 from tests.params_reads import ROOT as PARAMS_ROOT
 from tests.params_reads import covered, function_reads
@@ -71,10 +72,48 @@ def _strings(module: str) -> str:
 @pytest.mark.parametrize("name", NAMES)
 def test_package_data_a_stage_names_is_among_its_deps(name):
     s = stage(name)
-    text = "\n".join(_strings(m) for m in import_closure(s.module))
+    # the stage table names every stage's inputs, so its strings say nothing about what this stage reads
+    text = "\n".join(_strings(m) for m in import_closure(s.module) if m != "es2.pipeline")
     named = [f for f in _package_data() if f.rsplit("/", 1)[-1] in text]
     missing = [f for f in named if f not in s.inputs]
     assert not missing, f"stage {name}'s code names {missing}: add them to its inputs in es2/pipeline.py"
+
+
+_ARTIFACT_PATH = re.compile(rf"(?<![\w./-]){ARTIFACTS}/")
+
+
+def _artifact_literals(source: str) -> list[tuple[int, int, str]]:
+    """(line, column, string) for each string in the code (docstrings aside) that spells a path under the artifacts
+    folder, and each function default that spells the folder itself."""
+    tree = ast.parse(source)
+    documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, documented) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    defaults = {id(d) for n in ast.walk(tree) if isinstance(n, ast.arguments) for d in [*n.defaults, *n.kw_defaults]
+                if isinstance(d, ast.Constant) and d.value == ARTIFACTS}
+    return sorted((n.lineno, n.col_offset, n.value) for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+                  and (_ARTIFACT_PATH.search(n.value) or id(n) in defaults))
+
+
+def test_artifact_paths_come_from_the_stage_table():
+    """Stage folders and the files in them are spelled in es2/pipeline.py only (`stage(name).out_dir`, `.path()`,
+    `ARTIFACTS`), so moving one is an edit of the table, not a hunt through the modules."""
+    modules = sorted(p for p in [*(REPO / "es2").rglob("*.py"), *(REPO / "flows").rglob("*.py")]
+                     if p != REPO / "es2" / "pipeline.py")
+    literals = [f"{p.relative_to(REPO)}:{line}: {text!r}" for p in modules
+                for line, _, text in _artifact_literals(p.read_text(encoding="utf-8"))]
+    assert not literals, f"artifact paths spelled out instead of taken from es2.pipeline: {literals}"
+
+
+def test_the_literal_check_sees_paths_and_defaults():
+    source = ('"""Writes artifacts/x/."""\n'
+              'def run(out="artifacts/train", root="artifacts", other="tests/artifacts/y"):\n'
+              '    """Reads artifacts/pairs/."""\n'
+              '    flavor.get("artifacts")\n'
+              '    return Path("artifacts/pairs/val.jsonl"), f"run `dvc pull artifacts/align/adapter` in {root}"\n')
+    assert [text for _, _, text in _artifact_literals(source)] == [
+        "artifacts/train", "artifacts", "artifacts/pairs/val.jsonl", "run `dvc pull artifacts/align/adapter` in "]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -17,8 +17,9 @@ from pathlib import Path
 from es2.config import Params
 from es2.errors import ConfigError
 from es2.io import atomic_dir, write_json, write_text
+from es2.pipeline import stage
 
-ALIGN_DIR = Path("artifacts/align")
+ALIGN_DIR = Path(stage("align").out_dir)
 
 
 def _unique(rows: list[dict], key: str, limit: int | None = None) -> list[tuple[str, str]]:
@@ -53,7 +54,8 @@ def aligned_model_dir(params: Params, align_dir: Path = ALIGN_DIR) -> Path:
                             params.model.trust_remote_code, params.model.dtype)
 
 
-def run_align(params: Params, out_dir: str | Path = ALIGN_DIR, pairs_dir: str | Path = "artifacts/pairs") -> dict:
+def run_align(params: Params, out_dir: str | Path = ALIGN_DIR,
+              pairs_dir: str | Path = stage("pairs").out_dir) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer

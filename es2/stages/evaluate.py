@@ -28,6 +28,7 @@ from pathlib import Path
 from es2.config import Params
 from es2.errors import ConfigError, DataError
 from es2.io import write_json, write_jsonl, write_text
+from es2.pipeline import stage
 
 SURVIVAL_PLOTS = ("repe", "scav", "softprompt")  # survival_<attack>.csv, declared as plots in dvc.yaml
 
@@ -112,7 +113,7 @@ def _spans(params: Params, cfg, harmful_rows: list[dict], grid) -> dict[str, lis
     return {"heldout": held, "trained": trained}
 
 
-def run_evaluate(params: Params, out_dir: str | Path = "artifacts/evaluate", model: str | None = None,
+def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir, model: str | None = None,
                  baseline: str | None = "params", harmful: str | None = None, benign: str | None = None,
                  attacks: list[str] | None = None, limit: int | None = None,
                  compare: list[str] | None = None) -> dict:
@@ -277,7 +278,7 @@ def _probe_sets(harmful_rows, benign_rows) -> tuple[list[str], list[str]]:
     one (never the attacked prompts), else the evaluation prompts themselves (stated in the report)."""
     from es2.data.schema import read_jsonl
 
-    val = Path("artifacts/pairs/val.jsonl")
+    val = Path(stage("pairs").path("val.jsonl"))
     if val.exists():
         rows = read_jsonl(val)
         return (list(dict.fromkeys(r["harmful"] for r in rows)), list(dict.fromkeys(r["harmless"] for r in rows)))

@@ -13,6 +13,7 @@ from es2.data.schema import read_records
 from es2.embeddings import encode
 from es2.errors import DataError
 from es2.io import atomic_path, write_json, write_jsonl
+from es2.pipeline import stage
 
 SPLITS = ("train", "val", "eval")
 
@@ -60,7 +61,7 @@ def _plot(similarities: dict[str, np.ndarray], path: Path) -> None:
     plt.close(fig)
 
 
-def run_pairs(params: Params, out_dir: str | Path = "artifacts/pairs", progress: bool = True) -> dict:
+def run_pairs(params: Params, out_dir: str | Path = stage("pairs").out_dir, progress: bool = True) -> dict:
     """Build the pairs; every check runs before the first file is written, so a failure leaves old outputs."""
     cfg, out_dir = params.pairs, Path(out_dir)
     rng = np.random.default_rng(cfg.seed)

@@ -12,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from es2.config import Params
+from es2.pipeline import ARTIFACTS
 
 
-def run_register(params: Params, artifacts_dir: str | Path = "artifacts", root: str | Path = ".") -> dict:
+def run_register(params: Params, artifacts_dir: str | Path = ARTIFACTS, root: str | Path = ".") -> dict:
     """Log the pipeline run and register its model as the challenger; return ids for printing."""
     from es2 import tracking
     from es2.stages.train import base_model_path

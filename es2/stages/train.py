@@ -20,6 +20,7 @@ from es2.config import Params
 from es2.errors import ConfigError, DataError
 from es2.features import collate, encode_chat
 from es2.io import atomic_path, replace_dir, write_json
+from es2.pipeline import stage
 from es2.stages.align import aligned_model_dir
 
 CURVE_KEYS = ("loss", "loss/separation", "loss/kl", "loss/refusal", "loss/reroute", "loss/retain", "grad_norm")
@@ -200,8 +201,8 @@ def build_trainer(params: Params, model, tokenizer, train_rows: list[dict], chec
                           data_collator=partial(collate, pad_token_id=tokenizer.pad_token_id))
 
 
-def run_train(params: Params, out_dir: str | Path = "artifacts/train", pairs_dir: str | Path = "artifacts/pairs",
-              resume: bool = False) -> dict:
+def run_train(params: Params, out_dir: str | Path = stage("train").out_dir,
+              pairs_dir: str | Path = stage("pairs").out_dir, resume: bool = False) -> dict:
     from es2.geometry import separation_summary, states_and_kl
     from es2.methods import METHODS
     from es2.modeling import load_causal_lm, make_portable, resolve_layers

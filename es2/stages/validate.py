@@ -6,9 +6,10 @@ from pathlib import Path
 
 from es2.config import Params
 from es2.data.validation import ValidationReport, validate_datasets
+from es2.pipeline import stage
 
 
-def run_validate(params: Params, out_dir: str | Path = "artifacts/validation", harmful: Path | None = None,
+def run_validate(params: Params, out_dir: str | Path = stage("validate").out_dir, harmful: Path | None = None,
                  harmless: Path | None = None) -> ValidationReport:
     """Validate training files against each other and against the evaluation files (leakage).
 

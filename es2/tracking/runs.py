@@ -16,6 +16,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from es2.errors import ES2Error
+from es2.pipeline import ARTIFACTS
 from es2.run_record import flatten_params, logged_files, pipeline_key, run_metrics, version_tags
 from es2.tracking.connection import safe_name, session, sqlite_file
 from es2.tracking.model import ES2Model, model_artifacts, pip_requirements, signature
@@ -24,7 +25,7 @@ KEY_TAG = "es2.pipeline_key"
 MODEL_TAG = "es2.model_uri"  # set last: a run without it was interrupted while logging
 
 
-def log_pipeline_run(params, artifacts_dir: str | Path = "artifacts", *, base_model: str,
+def log_pipeline_run(params, artifacts_dir: str | Path = ARTIFACTS, *, base_model: str,
                      root: str | Path = ".") -> str:
     """Log one pipeline run (params, metrics, curve, plots, report, versions, pyfunc model); return its id.
 
