@@ -304,7 +304,9 @@ class RegistryParams(Section):
     experiment: str = Field(min_length=1)
     model_name: str = Field(min_length=1, description="registered model name")
     retries: int = Field(ge=0, description="attempts after the first when the server does not answer")
-    backoff_seconds: float = Field(gt=0, description="first wait between attempts; doubles each retry")
+    backoff_seconds: float = Field(gt=0, description="MLflow's HTTP backoff factor, rounded up to whole seconds "
+                                                     "(MLflow reads an integer): the retries wait 0, then 2x, 4x, "
+                                                     "... it, plus random jitter")
     timeout_seconds: int = Field(ge=1, description="per HTTP request (large model uploads need more)")
     gates: GateParams
 

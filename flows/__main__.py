@@ -2,7 +2,7 @@
 imports flows: the flows orchestrate es2's stages from above).
 
     python -m flows run [--no-register] [--set SECTION.KEY=VALUE ...]   # the es2-pipeline flow, locally
-    python -m flows serve                                               # the nightly deployment (flows/serve.py)
+    python -m flows serve                                               # es2-pipeline/retrain, on demand
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-register", action="store_true", help="stop after the DVC stages")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override one parameter; the stages then run as DVC experiments (repeatable)")
-    sub.add_parser("serve", help="serve the scheduled deployment es2-pipeline/nightly from this process")
+    sub.add_parser("serve", help="serve the on-demand deployment es2-pipeline/retrain (no schedule) from this "
+                                 "process")
     args = parser.parse_args(argv)
     if args.command == "serve":
         from flows.serve import main as serve

@@ -1,13 +1,14 @@
-"""The `es2-pipeline` flow: validate -> pairs -> align -> train -> evaluate -> register -> promote.
+"""The `es2-pipeline` flow: validate -> pairs -> align -> train -> evaluate -> register.
 
 Orchestration only. Each data/model stage runs through DVC (`dvc repro --single-item STAGE`), so a Prefect run
-updates dvc.lock exactly like `dvc repro` and DVC skips the stages whose deps and params did not change. Register and
-promote call the `es2` CLI. No stage logic lives here.
+updates dvc.lock exactly like `dvc repro` and DVC skips the stages whose deps and params did not change. Register
+calls the `es2` CLI. No stage logic lives here. The flow never promotes: the CI workflow
+(.github/workflows/retrain.yml) is the one promoter, so two retrainers never race to move `champion`.
 
 Parameters:
 - `repo`: the project root (DVC needs it as the working directory).
 - `stages`: the DVC stages to run, in order (default: every stage of the table in es2/pipeline.py).
-- `register`: after the stages, `es2 register` (challenger) then `es2 promote` (gated champion move).
+- `register`: after the stages, `es2 register` (a new version with alias challenger; no promotion).
 - `params_overrides`: {"train.steps": 200, ...}. When given, each stage runs as `dvc exp run --single-item STAGE
   -S key=value ...` instead of `dvc repro`: DVC writes the values into params.yaml (they stay there, as after any
   workspace `dvc exp run`) and records each stage as an experiment (`dvc exp show`). Needs a git repo with a commit.
@@ -18,7 +19,7 @@ Parameters:
 Concurrency: a run holds `.es2/run.lock` (es2.locking) for its whole duration; a second run on the same repo fails
 at once with "locked by run X". DVC stages run one after another (concurrent `dvc repro` in one workspace fails).
 
-Failures: only transient steps retry, with exponential backoff (dvc pull, register, promote). A failing stage is not
+Failures: only transient steps retry, with exponential backoff (dvc pull, register). A failing stage is not
 retried: its run ends Failed with the stage's own output (for validate: the validation summary) in the state
 message, and nothing after it runs.
 """
@@ -156,13 +157,6 @@ def register_model(repo: str) -> str:
     return run_command([*es2_command(), "register"], repo, "es2 register")
 
 
-@task(name="promote", task_run_name="promote", cache_policy=NO_CACHE, log_prints=True, retries=3,
-      retry_delay_seconds=exponential_backoff(backoff_factor=10), retry_jitter_factor=0.2)
-def promote_model(repo: str) -> str:
-    """`es2 promote`: moves `champion` only if the gates pass; prints the comparison table and the decision."""
-    return run_command([*es2_command(), "promote"], repo, "es2 promote")
-
-
 # ------------------------------------------------------------------------------------------ markdown reports
 
 
@@ -226,7 +220,7 @@ def _run_id() -> str:
 @flow(name="es2-pipeline", log_prints=True)
 def pipeline(repo: str = ".", stages: list[str] = DVC_STAGES, register: bool = True,
              params_overrides: dict | None = None, model: str | None = None, data_rev: str | None = None):
-    """validate -> pairs -> align -> train -> evaluate through DVC, then register and promote (see module doc)."""
+    """validate -> pairs -> align -> train -> evaluate through DVC, then register (see module doc)."""
     root = str(Path(repo).resolve())
     unknown = [s for s in stages if s not in DVC_STAGES]
     if unknown:
@@ -245,17 +239,18 @@ def pipeline(repo: str = ".", stages: list[str] = DVC_STAGES, register: bool = T
             try:
                 results.append(run_stage(stage, root, overrides))
             except StepFailed as exc:
-                skipped = stages[i + 1:] + (["register", "promote"] if register else [])
+                skipped = stages[i + 1:] + (["register"] if register else [])
                 what = "data validation failed" if stage == "validate" else f"stage '{stage}' failed"
                 not_run = f"not run: {', '.join(skipped)}" if skipped else "it was the last stage"
                 return Failed(message=f"{what} ({not_run}):\n{tail(exc.output)}")
         publish_reports(root, results)
         summary = {"stages": {r["stage"]: r["status"] for r in results}}
         if register:
+            # register only: promotion belongs to the CI workflow alone (one retraining path, README), so a
+            # flow run and a CI run never both move `champion`
             summary["register"] = register_model(root)
-            summary["promote"] = promote_model(root)
-            create_markdown_artifact(key="es2-promotion", markdown=f"# Registration and promotion\n\n```\n"
-                                     f"{summary['register'].strip()}\n\n{summary['promote'].strip()}\n```")
+            create_markdown_artifact(key="es2-registration",
+                                     markdown=f"# Registration\n\n```\n{summary['register'].strip()}\n```")
     return summary
 
 

@@ -36,7 +36,7 @@ def deployment_parameters(repo: str | Path = ".", params_overrides: dict | None 
 def deployments(repo: str | Path = ".", **parameters) -> list[RunnerDeployment]:
     return [pipeline.to_deployment(
         name=DEPLOYMENT_NAME, parameters=deployment_parameters(repo, **parameters), tags=["es2"],
-        description="es2 on demand: the DVC stages (register=true also registers and promotes)")]
+        description="es2 on demand: the DVC stages (register=true also registers; CI alone promotes)")]
 
 
 def main(repo: str | Path = ".", **parameters) -> None:

@@ -248,7 +248,7 @@ def test_failed_validation_fails_the_run_and_nothing_after_it_runs(api_url, work
     harmful.write_bytes(harmful.read_bytes() + b'{"id": "bad", "prompt": "   ", "label": "harmful", "source": "t"}\n')
     state = pipeline(repo=str(bad), stages=STAGES, register=True, return_state=True)
     assert state.is_failed()
-    assert state.message.startswith("data validation failed (not run: pairs, register, promote)")
+    assert state.message.startswith("data validation failed (not run: pairs, register)")
     assert "Data validation FAILED" in state.message  # the validation summary itself
     assert _task_run_names(state.state_details.flow_run_id) == ["dvc-validate"]
     assert not (bad / "artifacts/pairs").exists()
@@ -285,13 +285,27 @@ def test_transient_step_is_retried_then_succeeds_or_reports(api_url, tmp_path, m
     assert "registry unreachable (try 4)" in state.message
 
 
+def test_register_registers_and_never_promotes(api_url, tmp_path, monkeypatch):
+    """The flow's register step is `es2 register` alone: the CI workflow is the one promoter (README)."""
+    import flows.pipeline as fp
+
+    calls = tmp_path / "calls"
+    script = tmp_path / "es2.py"
+    script.write_text("import sys\nwith open(sys.argv[1], 'a') as f:\n    f.write(' '.join(sys.argv[2:]) + '\\n')\n"
+                      "print('registered version 1')\n")
+    monkeypatch.setattr(fp, "es2_command", lambda: [sys.executable, str(script), str(calls)])
+    result = fp.pipeline(repo=str(tmp_path), stages=[], register=True)
+    assert calls.read_text() == "register\n"
+    assert result == {"stages": {}, "register": "registered version 1"}
+
+
 # ------------------------------------------------------------------------------------------ no server
 
 
 def test_only_transient_steps_retry_with_backoff():
-    from flows.pipeline import checkout_data, promote_model, pull_data, register_model, run_stage
+    from flows.pipeline import checkout_data, pull_data, register_model, run_stage
 
-    for transient in (pull_data, register_model, promote_model):
+    for transient in (pull_data, register_model):
         assert transient.retries == 3
         delays = transient.retry_delay_seconds
         assert delays == sorted(delays) and delays[0] < delays[-1]  # exponential backoff

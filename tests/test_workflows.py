@@ -71,5 +71,14 @@ def test_one_schedule_and_one_promoter():
     promoters = [path.name for path in AUTOMATION if "es2 promote" in path.read_text()]
     assert promoters == ["retrain.yml"]
     for path in (REPO / "prefect.yaml", REPO / "deploy" / "prefect-work-pool.yaml"):
-        # the flow's `register` runs es2 register and es2 promote: Prefect deployments leave that to CI
+        # the flow's `register` registers a challenger (it never promotes): Prefect deployments leave that to CI
         assert all(not d["parameters"]["register"] for d in yaml.safe_load(path.read_text())["deployments"])
+
+
+def test_retrain_uploads_its_plots_against_main():
+    """`dvc plots diff` renders beside `dvc metrics diff`, and the folder it writes is uploaded."""
+    steps = yaml.safe_load((WORKFLOWS / "retrain.yml").read_text())["jobs"]["retrain"]["steps"]
+    diff = next(s for s in steps if "dvc metrics diff" in s.get("run", ""))
+    assert "dvc plots diff origin/main -o plots-vs-main" in diff["run"]
+    uploads = [s["with"]["path"] for s in steps if s.get("uses", "").startswith("actions/upload-artifact")]
+    assert any(path.strip().rstrip("/") == "plots-vs-main" for path in uploads)
