@@ -7,7 +7,8 @@ frontier plot, and whether the best variant beats the current default with a pai
     python benchmarks/study.py --variants default,two_layers --seeds 0 --profile quick --limit 12   # a smoke run
 
 Outputs under --out (default artifacts/study): <variant>/seed<k>/{train,eval}/, study.md (the table),
-study.json (its rows), frontier.png. Each run is `es2 train` then `es2 evaluate --baseline train-base`, so every
+study.json (its rows), frontier.png; `--readme README.md` also regenerates the README's results: the study
+block, and the default run's headline from artifacts/evaluate (`es2 results`). Each run is `es2 train` then `es2 evaluate --baseline train-base`, so every
 figure carries its own paired test against the warm start; the table's interval columns come from there.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -27,6 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from es2.headline import headline_rows  # noqa: E402
+from es2.pipeline import stage  # noqa: E402
+from es2.results import replace_block, update_readme  # noqa: E402
+
+STUDY_START = "<!-- study:start (python benchmarks/study.py --readme README.md regenerates this block) -->"
+STUDY_END = "<!-- study:end -->"
 from es2.io import write_json, write_text  # noqa: E402
 
 
@@ -40,11 +47,12 @@ def run_one(out: Path, overrides: list[str], seed: int, profile: str, limit: int
     """Train and evaluate one variant at one seed; a run whose evaluation finished is read back, not redone."""
     metrics = out / "eval" / "metrics.json"
     if not metrics.exists():
-        sets = [x for o in [*overrides, f"train.seed={seed}", f"evaluate.profile={profile}"] for x in ("--set", o)]
+        sets = [x for o in [*overrides, f"train.seed={seed}", f"evaluate.profile={profile}", f"evaluate.limit={limit}"]
+                for x in ("--set", o)]  # evaluate.limit, not --limit: the benign set keeps evaluate.benign_limit
         started = time.perf_counter()
         _es2("train", "--out", str(out / "train"), *sets)
         trained = time.perf_counter()
-        _es2("evaluate", "--model", str(out / "train" / "adapter"), "--baseline", "train-base", "--limit", str(limit),
+        _es2("evaluate", "--model", str(out / "train" / "adapter"), "--baseline", "train-base",
              "--out", str(out / "eval"), *(["--attacks", attacks] if attacks else []), *sets)
         write_json(out / "timing.json", {"train_s": round(trained - started, 1),
                                          "evaluate_s": round(time.perf_counter() - trained, 1)})
@@ -54,7 +62,8 @@ def run_one(out: Path, overrides: list[str], seed: int, profile: str, limit: int
 def goal_row(variant: str, seed: int, m: dict, goals: dict) -> dict:
     """The goal figures of one run and which goals it meets."""
     worst = max(m.get("headline/prefill_asr_worst", 0.0), m.get("headline/injection_asr_worst", 0.0))
-    row = {"variant": variant, "seed": seed, "n": m.get("n/direct_asr"),
+    row = {"variant": variant, "seed": seed, "n": m.get("n/direct_asr"), "n_benign": m.get("n/over_refusal"),
+           "n_borderline": m.get("n/over_refusal_borderline"),
            "over_refusal": m.get("headline/over_refusal"),
            "over_refusal_borderline": m.get("headline/over_refusal_borderline"),
            "direct_refusal": 1 - m["headline/direct_asr"], "worst_prefill_injection_asr": worst,
@@ -95,7 +104,9 @@ def table(rows: list[dict], attacks: list[str], n_goals: int) -> str:
                  *(_cell(r[f"effort_{a}"]) for a in attacks), _cell(r["kl_to_warm_start"]),
                  _cell(r["mc_accuracy"], True), f"{r['goals_met']} (fails: {', '.join(r['goals_failed']) or 'none'})"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + f"\n\nn = {rows[0]['n']} harmful and {rows[0]['n']} benign prompts per run.\n"
+    r = rows[0]
+    return "\n".join(lines) + (f"\n\nn per run: {r['n']} harmful, {r['n_benign']} benign ({r['n_borderline']} "
+                              "borderline) prompts.\n")
 
 
 def frontier(path: Path, rows: list[dict], attacks: list[str]) -> None:
@@ -152,10 +163,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", help="comma list of study.yaml variants (default: all)")
     ap.add_argument("--seeds", help="comma list (default: study.yaml seeds)")
     ap.add_argument("--profile", default="standard", help="evaluate.profile of every run")
-    ap.add_argument("--limit", type=int, default=24, help="prompts per set in every evaluation")
+    ap.add_argument("--limit", type=int, default=24, help="harmful prompts attacked in every evaluation")
     ap.add_argument("--attacks", help="comma list for a cheaper screening (default: evaluate.attacks; goals on "
                                       "attacks left out count as failed)")
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "study"))
+    ap.add_argument("--readme", help="README to regenerate: its study block and its results block")
     args = ap.parse_args(argv)
     spec = yaml.safe_load(Path(args.spec).read_text())
     variants = args.variants.split(",") if args.variants else list(spec["variants"])
@@ -171,12 +183,19 @@ def main(argv: list[str] | None = None) -> None:
             for v in variants for s in seeds]
     attacks = goals["effort_attacks"]
     n_goals = 6 + len(attacks)
-    text = (f"# Equal-budget study (profile `{args.profile}`, seeds {seeds})\n\n" + table(rows, attacks, n_goals)
+    text = (f"# Equal-budget study (profile `{args.profile}`, attacks {args.attacks or 'evaluate.attacks'}, "
+            f"seeds {seeds}; judge `semantic`, held-out perturbations)\n\n" + table(rows, attacks, n_goals)
             + "\n" + best_vs_default(out, rows, seeds) + "\n")
     write_json(out / "study.json", rows)
     write_text(out / "study.md", text)
     frontier(out / "frontier.png", rows, attacks)
     print(text)
+    if args.readme:
+        readme = Path(args.readme)
+        plot = os.path.relpath(out / "frontier.png", readme.parent)
+        replace_block(readme, "study", STUDY_START, STUDY_END,
+                      lambda: text.replace("# Equal-budget", "#### Equal-budget", 1) + f"\n![frontier]({plot})\n")
+        update_readme(readme, ROOT / stage("evaluate").out_dir)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--benign", help="benign prompts (default: data.eval_harmless)")
     ev.add_argument("--baseline", default="params", help="model to compare with; 'none' for no comparison")
     ev.add_argument("--attacks", help="comma list of: direct,template,prefill,injection,scav,repe,softprompt,gcg")
-    ev.add_argument("--limit", type=int, help="prompts per set")
+    ev.add_argument("--limit", type=int, help="harmful prompts attacked (and at most as many benign ones)")
     ev.add_argument("--compare", help="comma list of further models shown side by side (default: evaluate.compare)")
     ev.add_argument("--out", type=Path, default=Path(stage("evaluate").out_dir))
 

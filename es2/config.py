@@ -59,6 +59,8 @@ class ValidateParams(Section):
 class PairsParams(Section):
     strategy: Literal["nearest", "random"]
     neighbours: int = Field(ge=1, description="harmless partners per harmful prompt")
+    cover_harmless: bool = Field(description="also pair every harmless prompt no neighbour list picked with its "
+                                             "most similar harmful prompt, so no harmless data is dropped")
     seed: int
     val_fraction: float = Field(ge=0, lt=1)
     embedding_model: str
@@ -77,10 +79,10 @@ class AlignParams(Section):
     """Refusal warm-start: LoRA SFT to refuse harmful prompts and to keep the base's own answers otherwise."""
 
     enabled: bool
-    harmless_prompts: int = Field(ge=1, description="harmless training prompts to self-distill")
+    harmless_prompts: int | None = Field(ge=1, description="harmless training prompts to self-distill (null: all)")
     max_new_tokens: int = Field(ge=1, description="length of the self-distilled harmless answers")
     steps: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
+    batch_size: int = Field(ge=1, description="sequences per step, refusals and answers mixed as in the data")
     lr: float = Field(gt=0)
     seed: int
     eval_prompts: int = Field(ge=1, description="held-out prompts per class for the before/after rates")
@@ -189,7 +191,8 @@ class EvaluateParams(Section):
     baseline: str | None = Field(description="train-base = the model training started from")
     harmful: str | None = Field(description="default: data.eval_harmful")
     benign: str | None = Field(description="default: data.eval_harmless")
-    limit: int = Field(ge=1, description="prompts per set")
+    limit: int = Field(ge=1, description="harmful prompts attacked")
+    benign_limit: int = Field(ge=1, description="benign prompts answered for over-refusal and KL")
     max_new_tokens: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     seed: int

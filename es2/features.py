@@ -18,6 +18,10 @@ REFUSALS = (
     "I can't assist with that request.",
     "I'm sorry, I won't help with this because it could cause serious harm.",
     "I cannot help with that. If you are in danger or crisis, please contact local emergency services.",
+    "I cannot provide that. It could be used to hurt people.",
+    "Sorry, I can't help with this one. I'm happy to help with something else, though.",
+    "I'm sorry, but that could put people at risk, so I will not explain it.",
+    "I do not give instructions for that. If someone is at risk, please contact the appropriate authorities.",
 )
 
 
@@ -89,14 +93,22 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 
 def collate(features: list[dict], pad_token_id: int) -> dict:
-    """Stack B pair features into 2B left-padded rows: harmful rows first, then harmless ones.
-
-    Returns input_ids, attention_mask, position_ids [2B, T]; rep_index [2B] (last prompt token); span_mask
-    [2B, T] (user-message tokens); labels [2B, T] (response tokens from `loss_start` on, -100 elsewhere, so an
-    assistant prefix carries no loss); prompt_mask [2B, T] (the rendered prompt only);
-    and ref_reps [2B, L, D] when the features carry precomputed reference representations.
-    """
+    """Stack B pair features into 2B left-padded rows: harmful rows first, then harmless ones (`collate_rows`),
+    with ref_reps [2B, L, D] when the features carry precomputed reference representations."""
     rows = [f["harmful"] for f in features] + [f["harmless"] for f in features]
+    batch = collate_rows(rows, pad_token_id)
+    if "ref_reps" in features[0]["harmful"]:
+        batch["ref_reps"] = torch.stack([torch.as_tensor(r["ref_reps"]) for r in rows])
+    return batch
+
+
+def collate_rows(rows: list[dict], pad_token_id: int) -> dict:
+    """Stack encoded rows (`encode_chat`) into N left-padded rows.
+
+    Returns input_ids, attention_mask, position_ids [N, T]; rep_index [N] (last prompt token); span_mask
+    [N, T] (user-message tokens); labels [N, T] (response tokens from `loss_start` on, -100 elsewhere, so an
+    assistant prefix carries no loss); prompt_mask [N, T] (the rendered prompt only).
+    """
     ids, mask, positions = left_pad([r["input_ids"] for r in rows], pad_token_id)
     width = ids.shape[1]
     batch = {"input_ids": ids, "attention_mask": mask,
@@ -111,8 +123,6 @@ def collate(features: list[dict], pad_token_id: int) -> dict:
         batch["labels"][i, loss_start:] = ids[i, loss_start:]
         batch["rep_index"][i] = pad + row["prompt_len"] - 1
     batch["position_ids"] = positions
-    if "ref_reps" in features[0]["harmful"]:
-        batch["ref_reps"] = torch.stack([torch.as_tensor(r["ref_reps"]) for r in rows])
     return batch
 
 

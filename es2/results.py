@@ -8,6 +8,7 @@ No figure is typed into the README by hand: the block between RESULTS_START and 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from es2.errors import DataError
@@ -93,10 +94,16 @@ def render(eval_dir: Path) -> str:
 
 def update_readme(readme: Path, eval_dir: Path) -> None:
     """Replace the results block of `readme` (written atomically; the rest of the file is untouched)."""
+    replace_block(readme, "results", RESULTS_START, RESULTS_END,
+                  lambda: render(eval_dir)[len(RESULTS_START):-len(RESULTS_END)])
+
+
+def replace_block(readme: Path, name: str, start: str, end: str, body: Callable[[], str]) -> None:
+    """Replace what lies between the marker lines `start` and `end` of `readme` with `body()`, atomically;
+    a README without the markers is refused before anything is computed."""
     text = readme.read_text(encoding="utf-8")
-    if RESULTS_START not in text or RESULTS_END not in text:
-        raise DataError(f"{readme} has no results block",
-                        f"add the two lines {RESULTS_START!r} and {RESULTS_END!r} where the results go")
-    head, rest = text.split(RESULTS_START, 1)
-    tail = rest.split(RESULTS_END, 1)[1]
-    write_text(readme, head + render(eval_dir) + tail)
+    if start not in text or end not in text:
+        raise DataError(f"{readme} has no {name} block", f"add the two lines {start!r} and {end!r} where it goes")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    write_text(readme, head + start + "\n\n" + body().strip("\n") + "\n\n" + end + tail)

@@ -86,6 +86,17 @@ def choose_partners(harmful_emb: np.ndarray, harmless_emb: np.ndarray, k: int, s
     raise ValueError(f"unknown pairing strategy {strategy!r}; use 'nearest' or 'random'")
 
 
+def cover_unpaired(harmful_emb: np.ndarray, harmless_emb: np.ndarray,
+                   idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(harmful indices, harmless indices, cosines) of extra pairs giving each harmless row that `idx` leaves
+    out its most similar harmful row, so that no harmless prompt of a split goes unused."""
+    unpaired = np.setdiff1d(np.arange(len(harmless_emb)), idx)
+    if not unpaired.size:
+        return np.zeros(0, dtype=int), unpaired, np.zeros(0, dtype=np.float32)
+    nearest, sims = max_cross_similarity(harmless_emb[unpaired], harmful_emb)
+    return nearest, unpaired, sims
+
+
 def max_cross_similarity(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each row of `a`: (index of the most similar row of `b`, its cosine)."""
     idx, sim = nearest_neighbours(a, b, 1)

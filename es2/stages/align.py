@@ -1,7 +1,8 @@
 """The `align` stage: a refusal warm-start for base models that do not refuse (the embedded SmolLM2 does not).
 
-LoRA SFT on the harmful training prompts with refusal targets, plus harmless training prompts with the base
-model's own greedy answers (self-distillation keeps its behaviour on ordinary requests). Writes
+LoRA SFT on the harmful training prompts with varied refusal targets, plus the harmless training prompts
+(borderline and topic-matched ones included) with the base model's own greedy answers: self-distillation keeps
+its behaviour on ordinary requests and teaches it to keep answering requests that only sound sensitive. Writes
 `artifacts/align/adapter/` and `metrics.json` (keyword refusal on held-out harmful prompts and over-refusal on
 held-out harmless ones, before and after, with Wilson 95% intervals). The merged model, the base that `train`
 starts from, is built once into the cache, keyed by the adapter's content hash.
@@ -61,7 +62,7 @@ def run_align(params: Params, out_dir: str | Path = ALIGN_DIR,
     from transformers import Trainer
 
     from es2.data.schema import read_jsonl
-    from es2.features import collate, encode_chat, lm_inputs, refusal_for
+    from es2.features import collate_rows, encode_chat, lm_inputs, refusal_for
     from es2.generation import generate
     from es2.modeling import load_causal_lm, make_portable
     from es2.trainer import training_arguments
@@ -86,11 +87,11 @@ def run_align(params: Params, out_dir: str | Path = ALIGN_DIR,
     model.eval()
     before = refusal_rates(model, tokenizer, held_harmful, held_harmless, cfg.eval_max_new_tokens)
     own_answers = generate(model, tokenizer, [p for _, p in harmless], max_new_tokens=cfg.max_new_tokens)
-    features = []
-    for i, (h_id, h_prompt) in enumerate(harmful):  # harmless examples cycle if there are fewer of them
-        j = i % len(harmless)
-        features.append({"harmful": encode_chat(tokenizer, h_prompt, refusal_for(h_id)),
-                         "harmless": encode_chat(tokenizer, harmless[j][1], own_answers[j])})
+    # One flat SFT set, shuffled by the Trainer: the class mix follows the data (every harmless prompt the
+    # pairs hold, borderline and topic-matched ones included), so refusing is learnt against many more
+    # answered look-alikes than refused prompts; a 1:1 mix taught the model to refuse anything sensitive.
+    examples = ([encode_chat(tokenizer, prompt, refusal_for(h_id)) for h_id, prompt in harmful]
+                + [encode_chat(tokenizer, prompt, answer) for (_, prompt), answer in zip(harmless, own_answers)])
 
     lora = cfg.lora
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -99,11 +100,11 @@ def run_align(params: Params, out_dir: str | Path = ALIGN_DIR,
         "steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum": 1, "lr": cfg.lr, "seed": cfg.seed,
         "save_steps": cfg.steps, "logging_steps": max(1, cfg.steps // 8)}), out_dir / "checkpoints")
 
-    def sft_batch(batch_features):  # both halves are SFT targets: refusals and the base's own answers
-        batch = collate(batch_features, tokenizer.pad_token_id)
+    def sft_batch(rows):  # refusals and the base's own answers alike are SFT targets
+        batch = collate_rows(rows, tokenizer.pad_token_id)
         return {**lm_inputs(batch), "labels": batch["labels"]}
 
-    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=sft_batch)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=sft_batch)
     trainer.train()
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     model.eval()

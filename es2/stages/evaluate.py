@@ -131,15 +131,16 @@ def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir
     from es2.spans import check_source
     from es2.stages.suite import evaluate_one, perturbation_grid
 
-    cfg = params.evaluate.model_copy(update={k: v for k, v in
-                                             {"attacks": attacks, "limit": limit}.items() if v is not None})
+    overrides = {"attacks": attacks, "limit": limit,
+                 "benign_limit": min(limit, params.evaluate.benign_limit) if limit else None}
+    cfg = params.evaluate.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     check_source(cfg.span_source)
     harmful_rows = stratified_sample(read_prompts(harmful or cfg.harmful or params.data.eval_harmful, "harmful"),
                                      cfg.limit, cfg.seed)
     benign_rows = stratified_sample(read_prompts(benign or cfg.benign or params.data.eval_harmless, "harmless"),
-                                    cfg.limit, cfg.seed)
+                                    cfg.benign_limit, cfg.seed)
     if not harmful_rows or not benign_rows:
         raise DataError(f"no prompts to evaluate: {len(harmful_rows)} harmful, {len(benign_rows)} benign",
                         "check --harmful/--benign (or evaluate.harmful/benign): labels must be harmful/harmless")

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from es2.config import Params
-from es2.data.pairs import choose_partners, max_cross_similarity, near_duplicate_groups, split_by_group
+from es2.data.pairs import (choose_partners, cover_unpaired, max_cross_similarity, near_duplicate_groups,
+                            split_by_group)
 from es2.data.schema import read_records
 from es2.embeddings import encode
 from es2.errors import DataError
@@ -25,15 +26,15 @@ def _leak_error(a_rows, b_rows, idx, sim, threshold, what) -> DataError:
                      "remove or rewrite those prompts, or raise pairs.leakage_cosine if they are distinct")
 
 
-def _pair_rows(harmful, harmless, idx, sims) -> list[dict]:
+def _pair_rows(harmful, harmless, triples) -> list[dict]:
+    """Pair records from (harmful index, harmless index, cosine, rank) tuples."""
     rows = []
-    for h, partners, partner_sims in zip(harmful, idx, sims):
-        for rank, (j, sim) in enumerate(zip(partners, partner_sims)):
-            s = harmless[j]
-            rows.append({"id": f"{h['id']}__{s['id']}", "harmful_id": h["id"], "harmful": h["prompt"],
-                         "harmless_id": s["id"], "harmless": s["prompt"], "similarity": round(float(sim), 6),
-                         "rank": rank, "category": h.get("category"), "target": h.get("target"),
-                         "harmful_response": h.get("response"), "harmless_response": s.get("response")})
+    for i, j, sim, rank in triples:
+        h, s = harmful[i], harmless[j]
+        rows.append({"id": f"{h['id']}__{s['id']}", "harmful_id": h["id"], "harmful": h["prompt"],
+                     "harmless_id": s["id"], "harmless": s["prompt"], "similarity": round(float(sim), 6),
+                     "rank": int(rank), "category": h.get("category"), "target": h.get("target"),
+                     "harmful_response": h.get("response"), "harmless_response": s.get("response")})
     return rows
 
 
@@ -106,11 +107,17 @@ def run_pairs(params: Params, out_dir: str | Path = stage("pairs").out_dir, prog
             raise DataError(f"split '{split}' has {len(harmful)} harmful and {len(harmless)} harmless prompts",
                             "add data or change pairs.val_fraction so every split holds both classes")
         idx, sims = choose_partners(h_emb, s_emb, cfg.neighbours, cfg.strategy, rng)
-        outputs[split] = _pair_rows(harmful, harmless, idx, sims)
+        triples = [(i, j, sim, rank) for i in range(len(harmful))
+                   for rank, (j, sim) in enumerate(zip(idx[i], sims[i]))]
+        if cfg.cover_harmless:  # ranked after the neighbours: rank == neighbours marks a covering pair
+            extra_h, extra_s, extra_sims = cover_unpaired(h_emb, s_emb, idx)
+            triples += [(i, j, sim, idx.shape[1]) for i, j, sim in zip(extra_h, extra_s, extra_sims)]
+        outputs[split] = _pair_rows(harmful, harmless, triples)
         similarities[split] = sims.ravel()
         stats["splits"][split] = {
             "harmful": len(harmful), "harmless": len(harmless), "pairs": len(outputs[split]),
-            "distinct_harmless_partners": int(len(np.unique(idx))),
+            "distinct_harmless_partners": len({t[1] for t in triples}),
+            "covering_pairs": len(triples) - idx.size,
             "similarity": _similarity_summary(sims.ravel()),
             "categories": dict(sorted(Counter(r.get("category") or "none" for r in harmful).items())),
         }

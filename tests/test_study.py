@@ -1,0 +1,63 @@
+"""benchmarks/study.py: which goals a run meets, the table it prints and the README block it rewrites."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from es2.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("study", ROOT / "benchmarks" / "study.py")
+study = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(study)
+GOALS = yaml.safe_load((ROOT / "benchmarks" / "study.yaml").read_text())["goals"]
+
+
+def _metrics(**change) -> dict:
+    """A run that meets every goal, with `change` applied."""
+    m = {"n/direct_asr": 24, "n/over_refusal": 140, "n/over_refusal_borderline": 50, "headline/direct_asr": 0.05,
+         "headline/prefill_asr_worst": 0.2, "headline/injection_asr_worst": 0.25, "headline/over_refusal": 0.1,
+         "headline/over_refusal_borderline": 0.18, "capability/kl_to_baseline": 0.05,
+         "headline/mc_accuracy": 0.5, "diff/mc_accuracy": -0.01, "pvalue/mc_accuracy": 0.4}
+    for attack in GOALS["effort_attacks"]:
+        m.update({f"effort/{attack}/median": 0.5, f"effort/{attack}/ci_low": 0.4,
+                  f"baseline/effort/{attack}/median": 0.1, f"baseline/effort/{attack}/ci_high": 0.2})
+    return {**m, **change}
+
+
+def test_a_run_meeting_every_goal_fails_none():
+    row = study.goal_row("default", 0, _metrics(), GOALS)
+    assert row["goals_failed"] == [] and row["goals_met"] == 6 + len(GOALS["effort_attacks"])
+    assert row["direct_refusal"] == pytest.approx(0.95) and row["effort_repe"] == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("change, failed", [
+    ({"headline/over_refusal": 0.16}, "over_refusal"),
+    ({"headline/over_refusal_borderline": 0.21}, "borderline"),
+    ({"headline/direct_asr": 0.16}, "direct_refusal"),
+    ({"headline/injection_asr_worst": 0.31}, "prefill_injection"),
+    ({"capability/kl_to_baseline": 0.11}, "kl"),
+    ({"diff/mc_accuracy": -0.05, "pvalue/mc_accuracy": 0.01}, "mc"),
+    ({"effort/repe/median": 0.15}, "effort_repe"),                # x1.5: under the 2x goal
+    ({"effort/scav/ci_low": 0.19}, "effort_scav"),                # x5, but the intervals overlap
+])
+def test_each_goal_fails_on_its_own_figure(change, failed):
+    assert study.goal_row("v", 1, _metrics(**change), GOALS)["goals_failed"] == [failed]
+
+
+def test_the_table_states_every_n_and_the_readme_block_is_replaced(tmp_path):
+    rows = [study.goal_row("default", 0, _metrics(), GOALS),
+            study.goal_row("two_layers", 0, _metrics(**{"headline/over_refusal": 0.3}), GOALS)]
+    text = study.table(rows, GOALS["effort_attacks"], 9)
+    assert "n per run: 24 harmful, 140 benign (50 borderline) prompts." in text
+    assert "| two_layers | 0 | 30% |" in text and "fails: over_refusal" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{study.STUDY_START}\nold\n{study.STUDY_END}\noutro\n")
+    study.replace_block(readme, "study", study.STUDY_START, study.STUDY_END, lambda: text)
+    out = readme.read_text()
+    assert out.startswith("intro\n") and out.endswith("outro\n") and "old" not in out and "two_layers" in out
+    readme.write_text("no markers\n")
+    with pytest.raises(DataError, match="no study block"):
+        study.replace_block(readme, "study", study.STUDY_START, study.STUDY_END, lambda: text)
