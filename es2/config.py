@@ -48,6 +48,8 @@ class ValidateParams(Section):
     harmful_share_min: float = Field(ge=0, le=1, description="class balance: harmful / all rows")
     harmful_share_max: float = Field(ge=0, le=1)
     near_duplicate_jaccard: float = Field(gt=0, le=1, description="word 3-gram overlap counted as leakage")
+    opening_word_share_max: float = Field(gt=0, le=1, description="warn when more than this share of the "
+                                          "training prompts that open with one word are harmful")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -163,6 +165,12 @@ def _depth_band(value: tuple[float, float]) -> tuple[float, float]:
 
 
 DepthBand = Annotated[tuple[float, float], AfterValidator(_depth_band)]
+
+
+def depth_index(fraction: float, depth: int) -> int:
+    """The hidden_states index at `fraction` of a `depth`-block model (at least 1: index 0 is the embeddings),
+    the one rounding rule of every layer setting given as fractions (train/evaluate.layers, repe_band)."""
+    return max(1, round(fraction * depth))
 
 
 class AttackBudgets(Section):

@@ -253,11 +253,12 @@ def resolve_layers(spec: list[int] | list[float], model, name: str = "train.laye
     decoder block l-1); fractions in (0, 1) are a share of the depth, round(f x depth), so one setting carries
     across models of any depth (the paper's two intermediate layers: [0.4, 0.6]). Any index outside the model,
     or two fractions landing on one layer, is refused by name with the model's depth."""
+    from es2.config import depth_index
     from es2.errors import ConfigError
 
     depth = model.config.num_hidden_layers
     fractions = any(isinstance(x, float) for x in spec)
-    layers = [max(1, round(x * depth)) for x in spec] if fractions else [int(x) for x in spec]
+    layers = [depth_index(x, depth) for x in spec] if fractions else [int(x) for x in spec]
     bad = [x for x, layer in zip(spec, layers) if not 0 <= layer <= depth or (fractions and not 0 < x < 1)]
     if bad:
         raise ConfigError(f"{name} {bad} are outside this model ({depth} decoder blocks: indices 0..{depth}, "

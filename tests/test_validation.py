@@ -327,3 +327,18 @@ def test_max_jaccard_is_fast_on_10k_by_2k():
     start = time.perf_counter()
     max_jaccard(train, evals)
     assert time.perf_counter() - start < 10  # about 0.3 s on 2 cores
+
+
+def test_an_opening_word_that_predicts_the_class_is_a_warning_that_names_the_fix(tmp_path):
+    report = run(tmp_path)  # every harmful training prompt opens with "weapon", no harmless one does
+    assert report.success is True
+    assert report.warnings == ["shortcut cue: 24 of 24 training prompts opening with 'weapon' are harmful (all "
+                               "prompts: 50%); add harmless prompts that open with 'weapon' so the model learns "
+                               "the intent, not the word"]
+    assert "warning: shortcut cue: 24 of 24" in report.summary()
+    assert json.loads(report.report_path.read_text())["warnings"] == report.warnings
+
+    def balance(files):  # 20 harmless prompts open with it too: 24 of 44 harmful, under the 0.6 share
+        for r in files["train_harmless"][:20]:
+            r["prompt"] = "weapon " + r["prompt"]
+    assert run(tmp_path / "balanced", balance).warnings == []

@@ -25,6 +25,7 @@ import torch
 
 from es2.attacks import AttackResult
 from es2.attacks.hooks import Rows, hooked, last_token_states, layer_scales
+from es2.config import depth_index
 from es2.effort import ascending_budgets
 from es2.generation import _device, generate
 
@@ -281,8 +282,8 @@ def steering_band(num_layers: int, low: float, high: float) -> list[int]:
     least one. A fraction rule works at any depth; RepE's published bands are fixed indices of 7B/13B models."""
     if not 0 < low <= high <= 1:
         raise ValueError(f"RepE band [{low}, {high}] must be fractions of the depth with 0 < low <= high <= 1")
-    first = max(1, round(low * num_layers))
-    return list(range(first, max(first, round(high * num_layers)) + 1))
+    first = depth_index(low, num_layers)
+    return list(range(first, max(first, depth_index(high, num_layers)) + 1))
 
 
 def _steer(model, tokenizer, prompts, directions, scales, coefficients: torch.Tensor, max_new_tokens,

@@ -62,9 +62,25 @@ def validate_datasets(train_harmful, train_harmless, eval_files, params: Validat
     datasets = _datasets(train_harmful, train_harmless, eval_files or [])
     frame = _build_frame(datasets, special_tokens)
     result = run_suite(frame, datasets, params, docs_dir, check_special_tokens=bool(special_tokens))
-    report = make_report(result, frame, datasets, out_dir)
+    report = make_report(result, frame, datasets, out_dir,
+                         warnings=opening_word_cues(frame, params.opening_word_share_max))
     write_report(report, result, params, special_tokens)
     return report
+
+
+def opening_word_cues(frame, share_max: float, min_rows: int = 5) -> list[str]:
+    """Opening words of the training prompts that predict the class: a word that opens `min_rows` or more
+    labelled training prompts, more than `share_max` of them harmful. A shortcut a model learns instead of the
+    intent (refusing "Write a birthday poem" because most "Write ..." prompts were harmful), so a warning
+    that names the fix; not a failure, since a user's data may be skewed on purpose."""
+    rows = frame[(frame["split"] == "train") & frame["prompt_normalised"].notna() & frame["is_harmful"].notna()]
+    overall = rows["is_harmful"].mean() if len(rows) else 0.0
+    opening = rows["prompt_normalised"].str.split().str[0]
+    counts = rows.groupby(opening)["is_harmful"].agg(["sum", "count"])
+    cues = counts[(counts["count"] >= min_rows) & (counts["sum"] > share_max * counts["count"])]
+    return [f"shortcut cue: {int(c['sum'])} of {int(c['count'])} training prompts opening with '{word}' are "
+            f"harmful (all prompts: {overall:.0%}); add harmless prompts that open with '{word}' so the model "
+            "learns the intent, not the word" for word, c in cues.sort_values("count", ascending=False).iterrows()]
 
 
 def _datasets(train_harmful, train_harmless, eval_files) -> list[Dataset]:

@@ -83,6 +83,7 @@ class ValidationReport:
     evaluated_expectations: int = 0
     rows: int = 0
     datasets: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # shown, never failing (opening-word cues)
 
     def summary(self) -> str:
         files = len(self.datasets)
@@ -95,10 +96,11 @@ class ValidationReport:
                     f"expectations failed ({self.rows} rows in {files} file(s)).")
             body = [f.describe() for f in self.failures]
         tail = [f"Data Docs: {self.data_docs_path}", f"Report:    {self.report_path}"]
-        return "\n".join([head, *body, *tail])
+        return "\n".join([head, *body, *(f"warning: {w}" for w in self.warnings), *tail])
 
 
-def make_report(result, frame, datasets: list[Dataset], out_dir: Path) -> ValidationReport:
+def make_report(result, frame, datasets: list[Dataset], out_dir: Path,
+                warnings: list[str] | None = None) -> ValidationReport:
     """The report of one validation run over `frame`, with its paths under out_dir."""
     files = {ds.name: str(ds.path) for ds in datasets}
     failures = [_failure(r, frame, files) for r in result.results if not r.success]
@@ -111,7 +113,7 @@ def make_report(result, frame, datasets: list[Dataset], out_dir: Path) -> Valida
     return ValidationReport(
         success=bool(result.success) and not failures, failures=failures, report_path=out_dir / "report.json",
         data_docs_path=out_dir / "data_docs" / "index.html", evaluated_expectations=len(result.results),
-        rows=len(frame), datasets=summary_rows,
+        rows=len(frame), datasets=summary_rows, warnings=list(warnings or []),
     )
 
 
@@ -126,6 +128,7 @@ def write_report(report: ValidationReport, result, params: ValidateParams, speci
                        "unsuccessful_expectations": len(failures), "rows": report.rows},
         "datasets": report.datasets,
         "failures": [_plain(asdict(f)) for f in failures],
+        "warnings": report.warnings,
         "results": [_plain({
             "expectation": r.expectation_config.type,
             "check": (r.expectation_config.meta or {}).get("check"),

@@ -188,7 +188,7 @@ def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir
             metrics.update(_answer_capability(params, loaded, base["benign_answers"],
                                               [r["prompt"] for r in benign_rows], cfg.batch_size))
         runs["model"]["outcomes"]["kl"] = metrics["capability/kl_to_baseline"]
-        for layer in resolve_layers(layer_spec, model_):
+        for layer in runs["model"]["states"]:  # the layers resolved on the model above
             plots[f"pca_layer{layer}.png"] = pca_scatter(base["states"], runs["model"]["states"], layer,
                                                          out_dir / f"pca_layer{layer}.png",
                                                          f"layer {layer}: baseline (left) vs model (right)")

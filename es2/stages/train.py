@@ -254,6 +254,9 @@ def run_train(params: Params, out_dir: str | Path = stage("train").out_dir,
     s_before, s_after = separation_summary(before["states"]), separation_summary(after["states"])
     metrics = {
         "method": cfg.method, "steps": trainer.state.global_step, "world_size": world,
+        # CPU float sums depend on the thread count (es2.runtime picks the free cores): equal seeds and data give
+        # bit-equal adapters only at equal threads; ES2_THREADS pins it
+        "torch_threads": torch.get_num_threads(),
         "heldout_dprime_base": s_before["dprime/mean"], "heldout_dprime_trained": s_after["dprime/mean"],
         "heldout_dprime_ratio": s_after["dprime/mean"] / max(s_before["dprime/mean"], 1e-12),
         "heldout_norm_change": s_after["hidden_norm/mean"] / s_before["hidden_norm/mean"] - 1,
