@@ -43,12 +43,14 @@ def _es2(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def run_one(out: Path, overrides: list[str], seed: int, profile: str, limit: int, attacks: str | None) -> dict:
+def run_one(out: Path, overrides: list[str], seed: int, profile: str, limit: int, attacks: str | None,
+            extra: list[str]) -> dict:
     """Train and evaluate one variant at one seed; a run whose evaluation finished is read back, not redone."""
     metrics = out / "eval" / "metrics.json"
     if not metrics.exists():
-        sets = [x for o in [*overrides, f"train.seed={seed}", f"evaluate.profile={profile}", f"evaluate.limit={limit}"]
-                for x in ("--set", o)]  # evaluate.limit, not --limit: the benign set keeps evaluate.benign_limit
+        # evaluate.limit rather than --limit: the benign set keeps evaluate.benign_limit
+        settings = [*overrides, f"train.seed={seed}", f"evaluate.profile={profile}", f"evaluate.limit={limit}", *extra]
+        sets = [x for o in settings for x in ("--set", o)]
         started = time.perf_counter()
         _es2("train", "--out", str(out / "train"), *sets)
         trained = time.perf_counter()
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--attacks", help="comma list for a cheaper screening (default: evaluate.attacks; goals on "
                                       "attacks left out count as failed)")
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "study"))
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="an override for every run, e.g. evaluate.trained_perturbations=false (stated in the table)")
     ap.add_argument("--readme", help="README to regenerate: its study block and its results block")
     args = ap.parse_args(argv)
     spec = yaml.safe_load(Path(args.spec).read_text())
@@ -179,12 +183,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("no warm start in artifacts/align: run `dvc repro align` first (every variant starts from it)")
     out, goals = Path(args.out), spec["goals"]
     rows = [goal_row(v, s, run_one(out / v / f"seed{s}", spec["variants"][v], s, args.profile, args.limit,
-                                  args.attacks), goals)
+                                  args.attacks, args.extra), goals)
             for v in variants for s in seeds]
     attacks = goals["effort_attacks"]
     n_goals = 6 + len(attacks)
     text = (f"# Equal-budget study (profile `{args.profile}`, attacks {args.attacks or 'evaluate.attacks'}, "
-            f"seeds {seeds}; judge `semantic`, held-out perturbations)\n\n" + table(rows, attacks, n_goals)
+            f"seeds {seeds}{'; ' + ', '.join(args.extra) if args.extra else ''}; judge `semantic`, held-out "
+            "perturbations)\n\n" + table(rows, attacks, n_goals)
             + "\n" + best_vs_default(out, rows, seeds) + "\n")
     write_json(out / "study.json", rows)
     write_text(out / "study.md", text)
