@@ -83,6 +83,16 @@ def test_es2_training_separates_heldout_prompts(workdir):
     assert (out / "curve.png").stat().st_size > 1000 and (out / "curve.csv").read_text().startswith("step,loss")
 
 
+def test_layers_given_as_depth_fractions_train_end_to_end(workdir):
+    """train.layers fractions are resolved once on the loaded model, before the trainer and its reference pass
+    read them (a run with [0.4, 0.6] once failed inside precompute_reference)."""
+    params = load_params(REPO / "params.yaml", _overrides(workdir, "train.layers=[0.5,0.9]", "train.steps=2",
+                                                          "train.batch_size=4"))
+    metrics = run_train(params, workdir / "fractions", workdir / "pairs")  # 2 blocks: layers 1 and 2
+    assert {k for k in metrics["per_layer"]["trained"] if k.startswith("dprime/")} == {"dprime/1", "dprime/2",
+                                                                                        "dprime/mean"}
+
+
 def test_the_kl_leash_can_hold_the_models_own_answers(workdir):
     """train.kl_answers self: each harmless prompt is followed by the frozen model's greedy answer, and with
     kl_positions response the KL is taken on those answer tokens (it is 0 before the first update)."""

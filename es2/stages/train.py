@@ -216,6 +216,7 @@ def run_train(params: Params, out_dir: str | Path = stage("train").out_dir,
     model, tokenizer = load_causal_lm(base_model_path(params), params.model.revision,
                                       params.model.trust_remote_code, params.model.dtype)
     cfg = cfg.model_copy(update={"layers": resolve_layers(cfg.layers, model)})  # fractions -> this depth
+    params = params.model_copy(update={"train": cfg})  # build_trainer and the methods read the resolved layers
     val_rows = read_pairs(Path(pairs_dir) / "val.jsonl")
     if cfg.kl_answers == "self":
         train_rows, val_rows = (with_own_answers(rows, model, tokenizer, cfg.kl_answer_tokens)
