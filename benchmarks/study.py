@@ -8,8 +8,9 @@ frontier plot, and whether the best variant beats the current default with a pai
 
 Outputs under --out (default artifacts/study): <variant>/seed<k>/{train,eval}/, study.md (the table),
 study.json (its rows), frontier.png; `--readme README.md` also regenerates the README's results: the study
-block, and the default run's headline from artifacts/evaluate (`es2 results`). Each run is `es2 train` then `es2 evaluate --baseline train-base`, so every
-figure carries its own paired test against the warm start; the table's interval columns come from there.
+block, and the default run's headline from artifacts/evaluate (`es2 results`). Each run is `es2 train` then
+`es2 evaluate --baseline train-base`, so every figure carries its own paired test against the warm start; the
+table's interval columns come from there.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from es2.headline import headline_rows  # noqa: E402
+from es2.io import write_json, write_text  # noqa: E402
 from es2.pipeline import stage  # noqa: E402
 from es2.results import replace_block, update_readme  # noqa: E402
 
 STUDY_START = "<!-- study:start (python benchmarks/study.py --readme README.md regenerates this block) -->"
 STUDY_END = "<!-- study:end -->"
-from es2.io import write_json, write_text  # noqa: E402
 
 
 def _es2(*args: str) -> None:

@@ -57,7 +57,12 @@ def _timing_lines(metrics: dict) -> list[str]:
 
 
 def render(eval_dir: Path) -> str:
-    """The markdown block for one evaluation folder."""
+    """The markdown block for one evaluation folder, between its marker lines."""
+    return f"{RESULTS_START}\n\n{_results(eval_dir)}\n\n{RESULTS_END}"
+
+
+def _results(eval_dir: Path) -> str:
+    """What the results block holds for one evaluation folder."""
     paths = {name: eval_dir / f"{name}.json" for name in ("headline", "metrics", "outcomes")}
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
@@ -66,7 +71,7 @@ def render(eval_dir: Path) -> str:
     headline = json.loads(paths["headline"].read_text(encoding="utf-8"))
     metrics = json.loads(paths["metrics"].read_text(encoding="utf-8"))
     context = headline.get("context", {})
-    lines = [RESULTS_START, "", f"**{headline['verdict']}**", "",
+    lines = [f"**{headline['verdict']}**", "",
              "| figure | model | baseline | difference [95% CI] | McNemar p | n | attack |",
              "|---|---|---|---|---|---|---|"]
     for row in headline["rows"]:
@@ -88,14 +93,12 @@ def render(eval_dir: Path) -> str:
         lines.append("Their ASR, model / baseline: " + "; ".join(
             f"{name} {_pct(metrics.get(f'asr/{name}/{judge}'))} / "
             f"{_pct(metrics.get(f'baseline/asr/{name}/{judge}'))}" for name in trained) + ".")
-    lines += ["", RESULTS_END]
     return "\n".join(lines)
 
 
 def update_readme(readme: Path, eval_dir: Path) -> None:
     """Replace the results block of `readme` (written atomically; the rest of the file is untouched)."""
-    replace_block(readme, "results", RESULTS_START, RESULTS_END,
-                  lambda: render(eval_dir)[len(RESULTS_START):-len(RESULTS_END)])
+    replace_block(readme, "results", RESULTS_START, RESULTS_END, lambda: _results(eval_dir))
 
 
 def replace_block(readme: Path, name: str, start: str, end: str, body: Callable[[], str]) -> None:
