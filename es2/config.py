@@ -253,6 +253,8 @@ class EvaluateParams(Section):
     depth_layer: int | None = Field(ge=0, description="refusal-direction layer for the depth claim test; "
                                                       "default the middle of the evaluate layers")
     depth_bootstrap: int = Field(ge=0, description="bootstrap resamples for the projection correlation")
+    reuse_baseline: bool = Field(description="keep the baseline's evaluation in the es2 cache, keyed by its "
+                                             "files, this protocol, the prompts and the es2 source")
 
     @model_validator(mode="after")
     def _known_profile(self):

@@ -129,6 +129,7 @@ def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir
     from es2.sampling import stratified_sample
     from es2.separation_metrics import flatten_report, layer_report, pca_scatter
     from es2.spans import check_source
+    from es2.stages.baseline_cache import cached_run, run_key
     from es2.stages.suite import evaluate_one, perturbation_grid
 
     overrides = {"attacks": attacks, "limit": limit,
@@ -166,8 +167,17 @@ def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir
         if role in ("model", "baseline"):  # kept for KL and agreement; compare models are dropped after use
             loaded[role] = (m, tokenizer)
         layers = resolve_layers(layer_spec, m, "evaluate.layers" if cfg.layers else "train.layers")
-        runs[role] = evaluate_one(m, tokenizer, harmful_rows, benign_rows, spans, grid, probe_sets, cfg, layers,
-                                  mc_questions, judges)
+
+        def run(m=m, tokenizer=tokenizer, layers=layers):
+            return evaluate_one(m, tokenizer, harmful_rows, benign_rows, spans, grid, probe_sets, cfg, layers,
+                                mc_questions, judges)
+
+        if role == "baseline" and cfg.reuse_baseline:
+            key = run_key(_identity(spec, params), cfg=cfg.model_dump(), harmful=harmful_rows, benign=benign_rows,
+                          spans=spans, probe_sets=probe_sets, layers=layers, mc=mc_questions)
+            runs[role] = cached_run(key, run)
+        else:
+            runs[role] = run()
         runs[role]["spec"] = spec
         del m
         if role not in loaded and torch.cuda.is_available():
@@ -272,6 +282,18 @@ def _for_headline(outcomes: dict) -> dict:
     return {"attacks": outcomes["attacks"], "benign_refused": outcomes["benign"]["refused"],
             "borderline": outcomes["benign"]["borderline"], "mc_correct": outcomes["mc"]["correct"],
             "kl": outcomes.get("kl")}
+
+
+def _identity(spec: str, params: Params) -> dict:
+    """What identifies the model behind a spec for the baseline cache: its resolved folder's files, or the
+    registry/hub name (a registered version never changes; a hub id carries model.revision)."""
+    from es2.trajectories import model_identity
+
+    if spec == "train-base":
+        from es2.stages.train import base_model_path
+
+        spec = base_model_path(params)
+    return model_identity(spec, None if Path(spec).is_dir() else params.model.revision)
 
 
 def _probe_sets(harmful_rows, benign_rows) -> tuple[list[str], list[str]]:
