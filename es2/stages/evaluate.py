@@ -173,8 +173,10 @@ def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir
                                 mc_questions, judges)
 
         if role == "baseline" and cfg.reuse_baseline:
-            key = run_key(_identity(spec, params), cfg=cfg.model_dump(), harmful=harmful_rows, benign=benign_rows,
-                          spans=spans, probe_sets=probe_sets, layers=layers, mc=mc_questions)
+            # the settings that shape the baseline's own run; which model is evaluated beside it does not
+            settings = cfg.model_dump(exclude={"model", "baseline", "compare", "reuse_baseline"})
+            key = run_key(_identity(spec, params), cfg=settings, grid=grid, harmful=harmful_rows,
+                          benign=benign_rows, spans=spans, probe_sets=probe_sets, layers=layers, mc=mc_questions)
             runs[role] = cached_run(key, run)
         else:
             runs[role] = run()
