@@ -83,7 +83,11 @@ def goal_row(variant: str, seed: int, m: dict, goals: dict) -> dict:
            "mc": not (row["mc_diff"] is not None and row["mc_diff"] < 0 and (row["mc_pvalue"] or 1) < 0.05)}
     for attack in goals["effort_attacks"]:
         model, base = m.get(f"effort/{attack}/median"), m.get(f"baseline/effort/{attack}/median")
-        row[f"effort_{attack}"] = None if model is None or not base else model / base
+        row[f"effort_{attack}_medians"] = [model, base]
+        if model is None or base is None or not (model or base):
+            row[f"effort_{attack}"] = None
+        else:  # a warm start that most prompts break with no budget at all (median 0): the ratio is unbounded
+            row[f"effort_{attack}"] = model / base if base else math.inf
         apart = m.get(f"effort/{attack}/ci_low", -math.inf) > m.get(f"baseline/effort/{attack}/ci_high", math.inf)
         met[f"effort_{attack}"] = (row[f"effort_{attack}"] or 0) >= goals["effort_ratio_min"] and apart
     row["goals_met"] = sum(met.values())
@@ -97,6 +101,14 @@ def _cell(value, pct: bool = False) -> str:
     return f"{100 * value:.0f}%" if pct else f"{value:.3g}"
 
 
+def _effort_cell(row: dict, attack: str) -> str:
+    ratio = row[f"effort_{attack}"]
+    if ratio == math.inf:
+        model, base = row[f"effort_{attack}_medians"]
+        return f"∞ ({model:.2g} vs {base:g})"
+    return _cell(ratio)
+
+
 def table(rows: list[dict], attacks: list[str], n_goals: int) -> str:
     head = ("| variant | seed | over-refusal | borderline | direct refusal | worst prefill/injection ASR | "
             + " | ".join(f"effort {a} (x warm)" for a in attacks) + f" | KL | MC | goals met (of {n_goals}) |")
@@ -104,7 +116,7 @@ def table(rows: list[dict], attacks: list[str], n_goals: int) -> str:
     for r in rows:
         cells = [r["variant"], str(r["seed"]), _cell(r["over_refusal"], True), _cell(r["over_refusal_borderline"], True),
                  _cell(r["direct_refusal"], True), _cell(r["worst_prefill_injection_asr"], True),
-                 *(_cell(r[f"effort_{a}"]) for a in attacks), _cell(r["kl_to_warm_start"]),
+                 *(_effort_cell(r, a) for a in attacks), _cell(r["kl_to_warm_start"]),
                  _cell(r["mc_accuracy"], True), f"{r['goals_met']} (fails: {', '.join(r['goals_failed']) or 'none'})"]
         lines.append("| " + " | ".join(cells) + " |")
     r = rows[0]
@@ -124,7 +136,7 @@ def frontier(path: Path, rows: list[dict], attacks: list[str]) -> None:
         mine = [r for r in rows if r["variant"] == variant]
         x = [100 * r["over_refusal"] for r in mine]
         left.scatter(x, [100 * r["direct_refusal"] for r in mine], label=variant, color=f"C{i}")
-        weakest = [min((r[f"effort_{a}"] or 0.0) for a in attacks) or 1e-2 for r in mine]
+        weakest = [min(min((r[f"effort_{a}"] or 0.0) for a in attacks), 1e3) or 1e-2 for r in mine]
         right.scatter(x, weakest, label=variant, color=f"C{i}")
     left.set(xlabel="over-refusal on benign prompts (%)", ylabel="direct-request refusal (%)",
              title="safer without refusing everything: up and left")

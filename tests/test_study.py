@@ -47,6 +47,18 @@ def test_each_goal_fails_on_its_own_figure(change, failed):
     assert study.goal_row("v", 1, _metrics(**change), GOALS)["goals_failed"] == [failed]
 
 
+def test_a_warm_start_broken_without_budget_makes_the_ratio_unbounded_and_shows_both_medians():
+    apart = _metrics(**{"baseline/effort/repe/median": 0.0, "baseline/effort/repe/ci_high": 0.02,
+                        "effort/repe/median": 0.06, "effort/repe/ci_low": 0.03})
+    row = study.goal_row("default", 0, apart, GOALS)
+    assert row["effort_repe"] == float("inf") and "effort_repe" not in row["goals_failed"]
+    assert "∞ (0.06 vs 0)" in study.table([row], GOALS["effort_attacks"], 9)
+    overlapping = study.goal_row("default", 0, {**apart, "effort/repe/ci_low": 0.01}, GOALS)
+    assert overlapping["goals_failed"] == ["effort_repe"]
+    neither = study.goal_row("default", 0, {**apart, "effort/repe/median": 0.0}, GOALS)
+    assert neither["effort_repe"] is None and "effort_repe" in neither["goals_failed"]
+
+
 def test_the_table_states_every_n_and_the_readme_block_is_replaced(tmp_path):
     rows = [study.goal_row("default", 0, _metrics(), GOALS),
             study.goal_row("two_layers", 0, _metrics(**{"headline/over_refusal": 0.3}), GOALS)]
