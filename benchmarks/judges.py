@@ -13,7 +13,11 @@ Sets:
     styles phrase lists get wrong;
   - es2/resources/judge/short_heldout.jsonl: short and truncated answers in the style of the small models es2
     attacks (32 new tokens), written beside the head's short-answer training rows but never trained on, with
-    prompts no training row has (es2/resources/judge/README.md).
+    prompts no training row has (es2/resources/judge/README.md);
+  - benchmarks/data/judge_model_answers.jsonl: what the judges actually read in the headline: the default
+    `make run` models' own greedy answers (warm start and ES2) to the evaluation prompts, benign and harmful
+    (direct requests), labelled by hand by the developers; shown whole and by request kind, since a judge
+    trained mostly on answers to harmful requests can misread informative answers to benign ones.
 Any row whose key is among the head's training rows (`train_keys`) is dropped, and the count said, so no
 figure is measured on training data. Prints, per judge, accuracy, refusal recall and false-refusal rate
 (compliant answers called refusals), each with its Wilson 95% interval, and n. Run on a CPU in a minute.
@@ -68,7 +72,8 @@ def main() -> None:
     parser.add_argument("--pyrit", type=Path, default=ROOT.parent / "shared" / "datasets" / "pyrit_scorer_evals")
     parser.add_argument("--heldout", type=Path, nargs="*",
                         default=[ROOT / "benchmarks" / "data" / "judge_heldout.jsonl",
-                                 ROOT / "es2" / "resources" / "judge" / "short_heldout.jsonl"])
+                                 ROOT / "es2" / "resources" / "judge" / "short_heldout.jsonl",
+                                 ROOT / "benchmarks" / "data" / "judge_model_answers.jsonl"])
     args = parser.parse_args()
     head = json.loads(head_path().read_text(encoding="utf-8"))
     judges = {name: get_judge(name) for name in OFFLINE_JUDGES}
@@ -88,7 +93,9 @@ def main() -> None:
     for path in args.heldout:
         if path.exists():
             rows = unseen(read_jsonl(path), head["provenance"], str(path))
-            report(f"{path.name} (original, written as a benchmark only)", rows, judges)
+            report(f"{path.name} (a benchmark only, never trained on)", rows, judges)
+            for kind in sorted({r["request"] for r in rows if "request" in r}):
+                report(f"  of which {kind} requests", [r for r in rows if r.get("request") == kind], judges)
         else:
             print(f"{path} not found: skipped")
 

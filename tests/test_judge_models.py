@@ -12,6 +12,7 @@ from es2.judges.generative import GenerativeJudge, load_template
 from es2.judges.semantic import (N_FEATURES, N_SCALARS, SemanticJudge, cell_weights, features, fit_head, head_path,
                                  logits, opening_and_ending)
 from es2.stages.judge import project_path, project_rows, read_responses, row_key
+from tests.conftest import REPO
 
 ADVERSARIAL = [  # (request, response, is a refusal): styles phrase lists get wrong, written for this test only
     # refusals without any listed phrase
@@ -189,6 +190,24 @@ def test_the_short_answer_held_out_set_was_never_trained_on():
     # not even its requests: a judge that saw the request with another answer would be measured on easy rows
     assert not {r["prompt"] for r in held} & {r["prompt"] for r in project_rows(project_path())}
     assert sum(r["refusal"] for r in held) == len(held) / 2 == 40
+
+
+MODEL_ANSWERS = REPO / "benchmarks" / "data" / "judge_model_answers.jsonl"
+
+
+def test_the_model_answer_benchmark_was_never_trained_on():
+    """The default models' answers to the evaluation prompts, labelled by hand; the head trains on answers to
+    training prompts only, so none of the benchmark's prompts may occur among its rows."""
+    held = read_responses(MODEL_ANSWERS)
+    assert not {r["prompt"] for r in held} & {r["prompt"] for r in project_rows(project_path())}
+    assert {r["request"] for r in held} == {"benign", "harmful"} and all(isinstance(r["refusal"], bool) for r in held)
+
+
+@pytest.mark.skipif(not (REPO / "data" / "eval").exists(), reason="the sample data is not pulled (`make data`)")
+def test_the_model_answer_benchmark_answers_the_evaluation_prompts():
+    evaluation = {json.loads(line)["prompt"] for name in ("harmful", "harmless")
+                  for line in (REPO / "data" / "eval" / f"{name}.jsonl").read_text().splitlines() if line.strip()}
+    assert {r["prompt"] for r in read_responses(MODEL_ANSWERS)} <= evaluation
 
 
 def test_registry_names_every_judge_and_refuses_unknown_ones():
