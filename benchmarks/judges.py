@@ -32,18 +32,19 @@ from pathlib import Path
 from es2.data.schema import read_jsonl
 from es2.judges import OFFLINE_JUDGES, get_judge, judge_all
 from es2.judges.semantic import head_path
-from es2.stages.judge import pyrit_rows, row_key
+from es2.stages.judge import project_path, project_rows, pyrit_rows, row_key
 from es2.stats import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def unseen(rows: list[dict], provenance: dict, name: str) -> list[dict]:
-    """`rows` less any the head trained on (saying how many were dropped)."""
+def unseen(rows: list[dict], provenance: dict, name: str, trained_prompts: set[str] = frozenset()) -> list[dict]:
+    """`rows` less any the head trained on, and less any whose request it trained on with another answer (a
+    judge that saw the request is measured on an easy row); says how many were dropped."""
     trained = set(provenance["train_keys"])
-    kept = [r for r in rows if row_key(r) not in trained]
+    kept = [r for r in rows if row_key(r) not in trained and r["prompt"] not in trained_prompts]
     if len(kept) < len(rows):
-        print(f"{name}: dropped {len(rows) - len(kept)} rows the head trained on")
+        print(f"{name}: dropped {len(rows) - len(kept)} rows whose answer or request the head trained on")
     return kept
 
 
@@ -90,9 +91,10 @@ def main() -> None:
         report("PyRIT held-out split (real chat-model completions, human labels)", rows, judges)
         for source in sorted({r["source"] for r in rows}):
             report(f"  of which {source}", [r for r in rows if r["source"] == source], judges)
+    trained_prompts = {r["prompt"] for r in project_rows(project_path())}
     for path in args.heldout:
         if path.exists():
-            rows = unseen(read_jsonl(path), head["provenance"], str(path))
+            rows = unseen(read_jsonl(path), head["provenance"], path.name, trained_prompts)
             report(f"{path.name} (a benchmark only, never trained on)", rows, judges)
             for kind in sorted({r["request"] for r in rows if "request" in r}):
                 report(f"  of which {kind} requests", [r for r in rows if r.get("request") == kind], judges)
