@@ -50,6 +50,24 @@ def _effort_lines(context: dict) -> list[str]:
     return lines
 
 
+# the figures a refusal judge decides outright, shown under every judge that ran: a reader sees at once how much
+# of a difference is the judge's (benchmarks/judges.py measures each judge on the models' own labelled answers)
+JUDGED = (("direct ASR", "asr/direct/{}"), ("over-refusal", "over_refusal/{}/rate"),
+          ("borderline over-refusal", "over_refusal_borderline/{}/rate"))
+
+
+def _judge_lines(metrics: dict, judges: list[str]) -> list[str]:
+    if len(judges) < 2:
+        return []
+    cells = []
+    for label, key in JUDGED:
+        if key.format(judges[0]) in metrics:
+            cells.append(f"{label} " + ", ".join(
+                f"{j} {_pct(metrics.get(key.format(j)))} / {_pct(metrics.get('baseline/' + key.format(j)))}"
+                for j in judges))
+    return ["", "The same figures under every judge (model / baseline): " + "; ".join(cells) + "."] if cells else []
+
+
 def _timing_lines(metrics: dict) -> list[str]:
     seconds = [(role, metrics.get(f"{role}seconds")) for role in ("", "baseline/")]
     shown = [f"{role.rstrip('/') or 'model'} {value / 60:.1f} min" for role, value in seconds if value]
@@ -78,7 +96,7 @@ def _results(eval_dir: Path) -> str:
         p = "–" if row["pvalue"] is None else f"{row['pvalue']:.3g}"
         lines.append(f"| {row['label']} | {_cell(row, 'model')} | {_cell(row, 'baseline')} | {_diff(row)} | {p} | "
                      f"{row['n']} | {row['attack'] or ''} |")
-    lines += _effort_lines(context) + _timing_lines(metrics)
+    lines += _effort_lines(context) + _judge_lines(metrics, context.get("judges", [])) + _timing_lines(metrics)
     trained = sorted(k.split("/")[1] for k in metrics if k.startswith("asr/trained_")
                      and k.endswith(f"/{context.get('judge', 'semantic')}"))
     lines += ["", f"Judge: `{context.get('judge')}` (all judges run: {', '.join(context.get('judges', []))}); "

@@ -34,6 +34,18 @@ def test_the_block_holds_the_headline_the_effort_certificate_profile_and_time(tm
     assert "attack profile `standard`" in block and "model 10.0 min, baseline 9.0 min" in block
 
 
+def test_the_judge_decided_figures_are_shown_under_every_judge(tmp_path):
+    eval_dir = _eval_dir(tmp_path)
+    metrics = {"asr/direct/jbb": 0.25, "asr/direct/semantic": 0.125, "baseline/asr/direct/jbb": 0.5,
+               "baseline/asr/direct/semantic": 0.375, "over_refusal/jbb/rate": 0.1,
+               "over_refusal/semantic/rate": 0.2, "baseline/over_refusal/jbb/rate": 0.05,
+               "baseline/over_refusal/semantic/rate": 0.15}
+    (eval_dir / "metrics.json").write_text(json.dumps(metrics))
+    block = render(eval_dir)
+    assert ("under every judge (model / baseline): direct ASR jbb 25% / 50%, semantic 12% / 38%; "
+            "over-refusal jbb 10% / 5%, semantic 20% / 15%.") in block  # no borderline figures: not shown
+
+
 def test_update_replaces_only_the_block_and_refuses_a_readme_without_one(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{RESULTS_START}\nold\n{RESULTS_END}\noutro\n")
