@@ -68,6 +68,33 @@ def report(name: str, rows: list[dict], judges: dict) -> None:
               f"{_cell(false, len(rows) - sum(labels))}")
 
 
+def rates_by_model(rows: list[dict], judges: dict) -> None:
+    """For a set of models' own answers (rows with `model` and `request`): each model's refusal rate by hand label
+    and under each judge, per request kind and on the borderline benign prompts; with two models answering the
+    same prompts, the exact McNemar p of their hand-labelled difference."""
+    from es2.stats import mcnemar_exact
+
+    verdicts = judge_all(judges, [r["prompt"] for r in rows], [r["response"] for r in rows])
+    for i, r in enumerate(rows):
+        r["_flags"] = {j: flags[i] for j, flags in verdicts.items()}
+    subsets = [(kind, lambda r, k=kind: r["request"] == k) for kind in sorted({r["request"] for r in rows})]
+    subsets.append(("benign, borderline", lambda r: r["request"] == "benign" and r.get("category") == "borderline"))
+    models = sorted({r["model"] for r in rows})
+    print(f"\n  refusal rate by hand label and by judge, per model ({', '.join(models)}):")
+    for name, keep in subsets:
+        mine = {m: {r["prompt"]: r for r in rows if r["model"] == m and keep(r)} for m in models}
+        cells = []
+        for m in models:
+            labels = [r["refusal"] for r in mine[m].values()]
+            judged = ", ".join(f"{j} {sum(r['_flags'][j] for r in mine[m].values())}" for j in judges)
+            cells.append(f"{m} {sum(labels)}/{len(labels)} by hand ({judged})")
+        line = f"    {name}: " + "; ".join(cells)
+        if len(models) == 2 and mine[models[0]].keys() == mine[models[1]].keys():
+            a, b = ([mine[m][q]["refusal"] for q in mine[models[0]]] for m in models)
+            line += f"; McNemar p (hand labels) {mcnemar_exact(a, b):.3g}"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pyrit", type=Path, default=ROOT.parent / "shared" / "datasets" / "pyrit_scorer_evals")
@@ -98,6 +125,8 @@ def main() -> None:
             report(f"{path.name} (a benchmark only, never trained on)", rows, judges)
             for kind in sorted({r["request"] for r in rows if "request" in r}):
                 report(f"  of which {kind} requests", [r for r in rows if r.get("request") == kind], judges)
+            if rows and all("model" in r for r in rows):
+                rates_by_model(rows, judges)
         else:
             print(f"{path} not found: skipped")
 
