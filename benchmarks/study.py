@@ -84,6 +84,8 @@ def goal_row(variant: str, seed: int, m: dict, goals: dict) -> dict:
     for attack in goals["effort_attacks"]:
         model, base = m.get(f"effort/{attack}/median"), m.get(f"baseline/effort/{attack}/median")
         row[f"effort_{attack}_medians"] = [model, base]
+        row[f"effort_{attack}_censored"] = [bool(m.get(f"{role}effort/{attack}/median_censored"))
+                                            for role in ("", "baseline/")]
         if model is None or base is None or not (model or base):
             row[f"effort_{attack}"] = None
         else:  # a warm start that most prompts break with no budget at all (median 0): the ratio is unbounded
@@ -103,9 +105,10 @@ def _cell(value, pct: bool = False) -> str:
 
 def _effort_cell(row: dict, attack: str) -> str:
     ratio = row[f"effort_{attack}"]
-    if ratio == math.inf:
-        model, base = row[f"effort_{attack}_medians"]
-        return f"∞ ({model:.2g} vs {base:g})"
+    if ratio == math.inf:  # the medians themselves, ">" where the search never broke the median prompt
+        shown = [f">{v:g}" if censored else f"{v:.2g}"
+                 for v, censored in zip(row[f"effort_{attack}_medians"], row[f"effort_{attack}_censored"])]
+        return f"∞ ({shown[0]} vs {shown[1]})"
     return _cell(ratio)
 
 

@@ -55,6 +55,9 @@ def test_a_warm_start_broken_without_budget_makes_the_ratio_unbounded_and_shows_
     assert "∞ (0.06 vs 0)" in study.table([row], GOALS["effort_attacks"], 9)
     overlapping = study.goal_row("default", 0, {**apart, "effort/repe/ci_low": 0.01}, GOALS)
     assert overlapping["goals_failed"] == ["effort_repe"]
+    censored = study.goal_row("default", 0, {**apart, "effort/repe/median": 4.0,
+                                             "effort/repe/median_censored": True}, GOALS)
+    assert "∞ (>4 vs 0)" in study.table([censored], GOALS["effort_attacks"], 9)
     neither = study.goal_row("default", 0, {**apart, "effort/repe/median": 0.0}, GOALS)
     assert neither["effort_repe"] is None and "effort_repe" in neither["goals_failed"]
 
