@@ -33,6 +33,7 @@ from es2.headline import headline_rows  # noqa: E402
 from es2.io import write_json, write_text  # noqa: E402
 from es2.pipeline import stage  # noqa: E402
 from es2.results import replace_block, update_readme  # noqa: E402
+from es2.stages.evaluate import _for_headline  # noqa: E402  (outcomes.json's shape -> headline_rows' shape)
 
 STUDY_START = "<!-- study:start (python benchmarks/study.py --readme README.md regenerates this block) -->"
 STUDY_END = "<!-- study:end -->"
@@ -165,13 +166,20 @@ def best_vs_default(out: Path, rows: list[dict], seeds: list[int]) -> str:
     if best == "default" or "default" not in scores:
         return f"Best variant: {best}; the default stays."
     lines = [f"Best variant: {best}. Paired against `default` on the same prompts (McNemar p per seed):"]
+    better, worse = set(), set()
     for seed in seeds:
-        roles = [json.loads((out / v / f"seed{seed}" / "eval" / "outcomes.json").read_text())["roles"]["model"]
-                 for v in (best, "default")]
-        diffs = [f"{r.figure} {r.diff:+.0%} (p = {r.pvalue:.2g})" for r in headline_rows(*roles)
-                 if r.pvalue is not None]
-        lines.append(f"- seed {seed}: " + "; ".join(diffs))
-    lines.append("It becomes the default only where it is better on the goal figures with p < 0.05.")
+        roles = [_for_headline(json.loads((out / v / f"seed{seed}" / "eval" / "outcomes.json").read_text())
+                               ["roles"]["model"]) for v in (best, "default")]
+        tested = [r for r in headline_rows(*roles) if r.pvalue is not None]
+        lines.append(f"- seed {seed}: " + "; ".join(f"{r.figure} {r.diff:+.0%} (p = {r.pvalue:.2g})" for r in tested))
+        for r in (r for r in tested if r.pvalue < 0.05 and r.diff):
+            (better if (r.diff < 0) == r.lower_is_better else worse).add(r.figure)
+    if better and not worse:
+        lines.append(f"Better at p < 0.05 on {', '.join(sorted(better))} and worse on none: it should become the "
+                     "default (params.yaml, by hand, with this table in the commit).")
+    else:
+        lines.append(f"Better at p < 0.05 on {', '.join(sorted(better)) or 'no figure'}, worse on "
+                     f"{', '.join(sorted(worse)) or 'none'}: the default stays.")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """benchmarks/study.py: which goals a run meets, the table it prints and the README block it rewrites."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,31 @@ def test_the_table_states_every_n_and_the_readme_block_is_replaced(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(DataError, match="no study block"):
         study.replace_block(readme, "study", study.STUDY_START, study.STUDY_END, lambda: text)
+
+
+def _outcomes(path, refused_benign: list[bool], direct_success: list[bool]):
+    role = {"attacks": {"direct": {"family": "direct", "prompts": list("abcd"), "success": direct_success}},
+            "efforts": {}, "benign": {"prompts": [f"b{i}" for i in range(len(refused_benign))],
+                                      "refused": refused_benign, "borderline": [False] * len(refused_benign)},
+            "mc": {"questions": ["q"], "correct": [True]}, "kl": 0.05}
+    path.mkdir(parents=True)
+    (path / "outcomes.json").write_text(json.dumps({"roles": {"model": role}}))
+
+
+def test_a_variant_that_meets_more_goals_is_paired_against_the_default_on_the_same_prompts(tmp_path):
+    _outcomes(tmp_path / "default" / "seed0" / "eval", [True, True, False, False], [True, False, False, False])
+    _outcomes(tmp_path / "two_layers" / "seed0" / "eval", [False, False, False, False], [False] * 4)
+    rows = [study.goal_row("default", 0, _metrics(**{"headline/over_refusal": 0.5}), GOALS),
+            study.goal_row("two_layers", 0, _metrics(), GOALS)]
+    text = study.best_vs_default(tmp_path, rows, [0])
+    assert text.startswith("Best variant: two_layers.")
+    assert "seed 0: direct_asr -25% (p = 1)" in text and "over_refusal -50% (p = 0.5)" in text
+    assert text.endswith("Better at p < 0.05 on no figure, worse on none: the default stays.")
+
+
+def test_a_variant_better_on_a_goal_figure_at_p_005_and_worse_on_none_should_become_the_default(tmp_path):
+    _outcomes(tmp_path / "default" / "seed0" / "eval", [True] * 8, [False] * 4)
+    _outcomes(tmp_path / "two_layers" / "seed0" / "eval", [False] * 8, [False] * 4)
+    rows = [study.goal_row("default", 0, _metrics(**{"headline/over_refusal": 1.0}), GOALS),
+            study.goal_row("two_layers", 0, _metrics(), GOALS)]
+    assert "Better at p < 0.05 on over_refusal and worse on none" in study.best_vs_default(tmp_path, rows, [0])
