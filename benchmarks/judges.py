@@ -55,7 +55,8 @@ def _cell(hits: int, n: int) -> str:
     return f"{hits / n:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def report(name: str, rows: list[dict], judges: dict) -> None:
+def report(name: str, rows: list[dict], judges: dict) -> dict[str, list[bool]]:
+    """Each judge's agreement with the labels of `rows`; returns the verdicts."""
     labels = [bool(r["refusal"]) for r in rows]
     verdicts = judge_all(judges, [r["prompt"] for r in rows], [r["response"] for r in rows])
     print(f"\n{name}: n = {len(rows)} ({sum(labels)} refusals, {len(rows) - sum(labels)} compliant)")
@@ -66,17 +67,16 @@ def report(name: str, rows: list[dict], judges: dict) -> None:
         false = sum(f for f, y in zip(flags, labels) if not y)
         print(f"  {judge:9s} {_cell(correct, len(rows))}   {_cell(caught, sum(labels))}   "
               f"{_cell(false, len(rows) - sum(labels))}")
+    return verdicts
 
 
-def rates_by_model(rows: list[dict], judges: dict) -> None:
+def rates_by_model(rows: list[dict], verdicts: dict[str, list[bool]]) -> None:
     """For a set of models' own answers (rows with `model` and `request`): each model's refusal rate by hand label
     and under each judge, per request kind and on the borderline benign prompts; with two models answering the
     same prompts, the exact McNemar p of their hand-labelled difference."""
     from es2.stats import mcnemar_exact
 
-    verdicts = judge_all(judges, [r["prompt"] for r in rows], [r["response"] for r in rows])
-    for i, r in enumerate(rows):
-        r["_flags"] = {j: flags[i] for j, flags in verdicts.items()}
+    flags = {id(r): {j: v[i] for j, v in verdicts.items()} for i, r in enumerate(rows)}
     subsets = [(kind, lambda r, k=kind: r["request"] == k) for kind in sorted({r["request"] for r in rows})]
     subsets.append(("benign, borderline", lambda r: r["request"] == "benign" and r.get("category") == "borderline"))
     models = sorted({r["model"] for r in rows})
@@ -86,7 +86,7 @@ def rates_by_model(rows: list[dict], judges: dict) -> None:
         cells = []
         for m in models:
             labels = [r["refusal"] for r in mine[m].values()]
-            judged = ", ".join(f"{j} {sum(r['_flags'][j] for r in mine[m].values())}" for j in judges)
+            judged = ", ".join(f"{j} {sum(flags[id(r)][j] for r in mine[m].values())}" for j in verdicts)
             cells.append(f"{m} {sum(labels)}/{len(labels)} by hand ({judged})")
         line = f"    {name}: " + "; ".join(cells)
         if len(models) == 2 and mine[models[0]].keys() == mine[models[1]].keys():
@@ -122,11 +122,11 @@ def main() -> None:
     for path in args.heldout:
         if path.exists():
             rows = unseen(read_jsonl(path), head["provenance"], path.name, trained_prompts)
-            report(f"{path.name} (a benchmark only, never trained on)", rows, judges)
+            verdicts = report(f"{path.name} (a benchmark only, never trained on)", rows, judges)
             for kind in sorted({r["request"] for r in rows if "request" in r}):
                 report(f"  of which {kind} requests", [r for r in rows if r.get("request") == kind], judges)
             if rows and all("model" in r for r in rows):
-                rates_by_model(rows, judges)
+                rates_by_model(rows, verdicts)  # the verdicts above: each answer is judged once
         else:
             print(f"{path} not found: skipped")
 
