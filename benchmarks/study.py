@@ -29,11 +29,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from es2.headline import headline_rows  # noqa: E402
+from es2.headline import from_outcomes, headline_rows  # noqa: E402
 from es2.io import write_json, write_text  # noqa: E402
 from es2.pipeline import stage  # noqa: E402
 from es2.results import replace_block, update_readme  # noqa: E402
-from es2.stages.evaluate import _for_headline  # noqa: E402  (outcomes.json's shape -> headline_rows' shape)
 
 STUDY_START = "<!-- study:start (python benchmarks/study.py --readme README.md regenerates this block) -->"
 STUDY_END = "<!-- study:end -->"
@@ -168,7 +167,7 @@ def best_vs_default(out: Path, rows: list[dict], seeds: list[int]) -> str:
     lines = [f"Best variant: {best}. Paired against `default` on the same prompts (McNemar p per seed):"]
     better, worse = set(), set()
     for seed in seeds:
-        roles = [_for_headline(json.loads((out / v / f"seed{seed}" / "eval" / "outcomes.json").read_text())
+        roles = [from_outcomes(json.loads((out / v / f"seed{seed}" / "eval" / "outcomes.json").read_text())
                                ["roles"]["model"]) for v in (best, "default")]
         tested = [r for r in headline_rows(*roles) if r.pvalue is not None]
         lines.append(f"- seed {seed}: " + "; ".join(f"{r.figure} {r.diff:+.0%} (p = {r.pvalue:.2g})" for r in tested))

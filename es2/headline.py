@@ -108,6 +108,13 @@ def worst_attack(asr: dict[str, float], family_of: dict[str, str], families: tup
     return max(names, key=lambda a: asr[a]) if names else None
 
 
+def from_outcomes(outcomes: dict) -> dict:
+    """One role's entry of an evaluation's outcomes.json in the shape headline_rows reads."""
+    return {"attacks": outcomes["attacks"], "benign_refused": outcomes["benign"]["refused"],
+            "borderline": outcomes["benign"]["borderline"], "mc_correct": outcomes["mc"]["correct"],
+            "kl": outcomes.get("kl")}
+
+
 def headline_rows(model: dict, baseline: dict | None, alpha: float = 0.05) -> list[HeadlineRow]:
     """The headline table from two outcome dicts as `es2.stages.evaluate` builds them:
     {"attacks": {name: {"family": f, "success": [bool per prompt]}}, "benign_refused": [bool],

@@ -46,13 +46,23 @@ def _separable(n=40, d=8, seed=0):
 
 def test_probes_fit_separable_states():
     harmful, harmless = _separable()
-    probes = fit_probes(harmful, harmless, holdout=0.3, seed=1)
+    probes = fit_probes(harmful, harmless, seed=1)
     probe = probes[3]
     assert probe.accuracy == 1.0
     assert (probe.prob(harmful[3]) > 0.5).all() and (probe.prob(harmless[3]) < 0.5).all()
-    again = fit_probes(harmful, harmless, holdout=0.3, seed=1)[3]
+    again = fit_probes(harmful, harmless, seed=1)[3]
     assert torch.equal(again.w, probe.w) and again.b == probe.b  # deterministic
     assert probe.scale == pytest.approx(float(torch.cat([harmful[3], harmless[3]]).norm(dim=-1).median()))
+
+
+def test_probe_accuracy_is_balanced_so_a_probe_that_calls_everything_harmless_scores_one_half():
+    g = torch.Generator().manual_seed(0)
+    noise = {3: torch.randn(100, 8, generator=g)}  # no signal: 20 "harmful" rows vs 80 "harmless" rows
+    probe = fit_probes({3: noise[3][:20]}, {3: noise[3][20:]}, seed=0)[3]
+    assert 0.3 < probe.accuracy < 0.7  # plain accuracy would read about 0.8 for predicting the majority class
+    harmful, harmless = _separable(n=40)
+    few = fit_probes({3: harmful[3][:3]}, harmless, seed=0)[3]  # three harmful states: three folds
+    assert few.accuracy > 0.9 and (few.prob(harmful[3]) > 0.5).float().mean() > 0.9  # the minority is not ignored
 
 
 def test_closed_form_shift_reaches_p0_minimally_and_respects_budget():
@@ -278,7 +288,7 @@ def test_probes_fitted_on_states_see_the_same_states_during_the_attack(lm):
     model, tok = lm
     harmful = last_token_states(model, tok, PROMPTS[:2] * 3, [1, 2])
     harmless = last_token_states(model, tok, PROMPTS[2:] * 3, [1, 2])
-    probes = fit_probes(harmful, harmless, holdout=0.3)
+    probes = fit_probes(harmful, harmless)
     assert set(probes) == {1, 2} and all(0.0 <= p.accuracy <= 1.0 for p in probes.values())
     result = scav(model, tok, PROMPTS, probes, p0=0.5, min_accuracy=-1.0, max_new_tokens=2, batch_size=3)
     expected = probes[1].prob(last_token_states(model, tok, PROMPTS, [1])[1])  # layer 1 is the first hooked

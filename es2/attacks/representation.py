@@ -6,9 +6,10 @@ Both are adaptive: probes and directions are fitted on the states of the model u
 (layer convention in es2.attacks.hooks).
 
 SCAV as published (Xu et al. 2024, EEEEEKKO/SCAV `embedding-level/perturbation.py`): a probe on every decoder
-layer, every layer whose held-out probe accuracy passes the bar is perturbed (chosen per model), target
-probability p0 = 0.001, and the shift is applied to the last position of EVERY forward pass during generation (the
-prompt's last token, then each generated token, since the KV cache feeds one token per step).
+layer, every layer whose probe accuracy (cross-validated, balanced) passes the bar is perturbed (chosen per
+model), target probability p0 = 0.001, and the shift is applied to the last position of EVERY forward pass
+during generation (the prompt's last token, then each generated token, since the KV cache feeds one token per
+step).
 
 Budgets are relative, so they compare across models whose hidden states differ in scale (ES2 itself enlarges
 distances): SCAV's is the shift norm as a multiple of the layer's median state norm; RepE's the steering norm as
@@ -45,8 +46,8 @@ def _per_prompt(budget, n: int) -> torch.Tensor | None:
 def _effort_search(attack: Callable[[list[int], list[float]], list[str]], prompts: list[str], judge: Judge,
                    refused_direct: list[bool] | None, low: float, high: float, rounds: int):
     """The smallest breaking budget per prompt, bracketed from below and bisected (es2.effort's
-    ascending_budgets): `attack(indices, budgets)` returns the answers of prompts[indices] at those budgets; a prompt is broken when `judge` does not call its answer a refusal. Prompts answered
-    without any attack (`refused_direct` False) have budget 0 and are never attacked."""
+    ascending_budgets): `attack(indices, budgets)` returns the answers of prompts[indices] at those budgets; a
+    prompt is broken when `judge` does not call its answer a refusal. Prompts answered without any attack (`refused_direct` False) have budget 0 and are never attacked."""
 
     def broken(indices, budgets):
         answers = attack(indices, budgets)
@@ -66,55 +67,57 @@ class Probe:
 
     w: torch.Tensor  # [D] float32
     b: float
-    accuracy: float  # held-out accuracy (training accuracy when holdout = 0)
+    accuracy: float  # cross-validated balanced accuracy (fit_probes)
     scale: float  # median ‖e‖ over the fitting states: the unit of SCAV budgets
 
     def prob(self, e: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(e.float() @ self.w.to(e.device) + self.b)
 
 
-def _split(n: int, holdout: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    perm = torch.randperm(n, generator=generator)
-    k = min(max(round(holdout * n), 1), n - 1) if holdout > 0 and n > 1 else 0
-    return perm[k:], perm[:k]
-
-
 def fit_probes(harmful_states: dict[int, torch.Tensor], harmless_states: dict[int, torch.Tensor],
-               holdout: float = 0.3, seed: int = 0, C: float = 1.0) -> dict[int, Probe]:
-    """Per-layer L2-regularised logistic regression, label harmful = 1 (sklearn lbfgs: deterministic).
+               folds: int = 5, seed: int = 0, C: float = 1.0) -> dict[int, Probe]:
+    """Per-layer L2-regularised logistic regression, label harmful = 1, each class weighted by its inverse
+    frequency (sklearn lbfgs: deterministic).
 
-    The same stratified random split (fraction `holdout` of each class held out, at least one) is used at
-    every layer. Features are centred and divided by ONE scale for the fit, the root-mean-square coordinate
-    (median state norm / sqrt(D), so C regularises as it would on standardised features), and the probe is
-    mapped back to raw states exactly. One scale, not a per-dimension standardisation, keeps the
-    model's geometry: SCAV moves a state along w by the minimal L2 step, and a probe fitted on standardised
-    features puts its weight on low-variance dimensions, where a tiny step flips the probe without touching
-    what the model reads (measured: on the warm-started default model such a SCAV shifted 3% of the state
-    norm and answered nothing). SCAV's own probes are trained on raw states.
+    A probe's `accuracy` is its balanced accuracy (mean of the two classes' recalls) over `folds` stratified
+    folds, the same folds at every layer; the probe itself is then fitted on all states. Balanced, because the
+    fitting sets are rarely the same size (the pairs' validation split holds about four harmless prompts per
+    harmful one): plain accuracy on such a split rewards calling everything harmless, and a single held-out
+    part of a few harmful prompts moves it in steps of several points. Measured on the warm-started default
+    model, 26 harmful vs 99 harmless: plain held-out accuracy peaked at 0.895, under SCAV's 0.9 bar at every
+    layer, so SCAV attacked nothing; balanced 5-fold accuracy passes it at 8 middle layers.
+    With fewer states of a class than `folds`, that many folds; with one, training accuracy.
+
+    Features are centred and divided by ONE scale for the fit, the root-mean-square coordinate (median state
+    norm / sqrt(D), so C regularises as it would on standardised features), and the probe is mapped back to raw
+    states exactly. One scale, not a per-dimension standardisation, keeps the model's geometry: SCAV moves a
+    state along w by the minimal L2 step, and a probe fitted on standardised features puts its weight on
+    low-variance dimensions, where a tiny step flips the probe without touching what the model reads
+    (measured: on the warm-started default model such a SCAV shifted 3% of the state norm and answered
+    nothing). SCAV's own probes are trained on raw states.
     """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-    generator = torch.Generator().manual_seed(seed)
     n_h, n_s = len(next(iter(harmful_states.values()))), len(next(iter(harmless_states.values())))
-    train_h, test_h = _split(n_h, holdout, generator)
-    train_s, test_s = _split(n_s, holdout, generator)
+    y = torch.cat([torch.ones(n_h), torch.zeros(n_s)]).numpy()
+    k = min(folds, n_h, n_s)
+    splits = StratifiedKFold(k, shuffle=True, random_state=seed) if k >= 2 else None
     probes = {}
     for layer in harmful_states:
-        h, s = harmful_states[layer].double().cpu(), harmless_states[layer].double().cpu()
-        x = torch.cat([h[train_h], s[train_s]])
-        y = torch.cat([torch.ones(len(train_h)), torch.zeros(len(train_s))])
-        scale = float(torch.cat([h, s]).norm(dim=-1).median())
+        x = torch.cat([harmful_states[layer], harmless_states[layer]]).double().cpu()
+        scale = float(x.norm(dim=-1).median())
         mu, unit = x.mean(0), scale / x.shape[1] ** 0.5
-        clf = LogisticRegression(C=C, max_iter=2000).fit(((x - mu) / unit).numpy(), y.numpy())
+        features = ((x - mu) / unit).numpy()
+        clf = LogisticRegression(C=C, max_iter=2000, class_weight="balanced").fit(features, y)
+        if splits is None:
+            accuracy = balanced_accuracy_score(y, clf.predict(features))
+        else:  # cross_val_score fits clones: the probe fitted on all states is untouched
+            accuracy = cross_val_score(clf, features, y, cv=splits, scoring="balanced_accuracy").mean()
         w_scaled = torch.from_numpy(clf.coef_[0]).double()
         w, b = w_scaled / unit, float(clf.intercept_[0] - (w_scaled * mu / unit).sum())
-        if len(test_h) + len(test_s):
-            xt = torch.cat([h[test_h], s[test_s]])
-            yt = torch.cat([torch.ones(len(test_h)), torch.zeros(len(test_s))])
-        else:
-            xt, yt = x, y
-        accuracy = float(((xt @ w + b > 0).double() == yt).double().mean())
-        probes[layer] = Probe(w.float(), b, accuracy, scale)
+        probes[layer] = Probe(w.float(), b, float(accuracy), scale)
     return probes
 
 

@@ -123,7 +123,7 @@ def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir
 
     from es2.capability import greedy_agreement, load_mc_csv, mmlu_sample_path, per_token_kl
     from es2.stages.suite import Timed
-    from es2.headline import as_metrics, effort_rows, headline_rows, verdict
+    from es2.headline import as_metrics, effort_rows, from_outcomes, headline_rows, verdict
     from es2.modeling import resolve_layers
     from es2.report import write_report
     from es2.sampling import stratified_sample
@@ -205,8 +205,8 @@ def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir
                                                          out_dir / f"pca_layer{layer}.png",
                                                          f"layer {layer}: baseline (left) vs model (right)")
     alpha = params.registry.gates.alpha
-    rows = headline_rows(_for_headline(runs["model"]["outcomes"]),
-                         _for_headline(runs["baseline"]["outcomes"]) if "baseline" in runs else None, alpha)
+    rows = headline_rows(from_outcomes(runs["model"]["outcomes"]),
+                         from_outcomes(runs["baseline"]["outcomes"]) if "baseline" in runs else None, alpha)
     metrics.update(as_metrics(rows))
     efforts = effort_rows(runs["model"]["efforts"], runs["baseline"]["efforts"] if "baseline" in runs else None,
                           alpha)
@@ -277,13 +277,6 @@ def _survival_rows(runs: dict) -> dict[str, list[list]]:
         out[attack] = [[role, f"{b:.4g}", f"{s:.4f}"] for role, budgets in curves.items()
                        for b, s in zip(grid, survival(budgets, grid))]
     return out
-
-
-def _for_headline(outcomes: dict) -> dict:
-    """The shape es2.headline.headline_rows reads, from one role's outcomes."""
-    return {"attacks": outcomes["attacks"], "benign_refused": outcomes["benign"]["refused"],
-            "borderline": outcomes["benign"]["borderline"], "mc_correct": outcomes["mc"]["correct"],
-            "kl": outcomes.get("kl")}
 
 
 def _identity(spec: str, params: Params) -> dict:

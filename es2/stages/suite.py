@@ -152,8 +152,8 @@ def _representation_attacks(model, tokenizer, prompts, probe_sets, cfg, judge, r
         probes = representation.fit_probes({layer: h_states[layer] for layer in scav_layers},
                                            {layer: s_states[layer] for layer in scav_layers}, seed=cfg.seed)
         attacked = representation.attacked_layers(probes, cfg.scav_min_accuracy)
-        print(f"  scav: {len(attacked)} of {len(probes)} layers pass probe accuracy > {cfg.scav_min_accuracy:g}",
-              flush=True)
+        print(f"  scav: {len(attacked)} of {len(probes)} layers pass balanced probe accuracy "
+              f"> {cfg.scav_min_accuracy:g}", flush=True)
         with Timed("scav"):
             results.append(representation.scav(model, tokenizer, prompts, probes, cfg.scav_p0,
                                                cfg.scav_min_accuracy, **common))
