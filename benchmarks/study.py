@@ -5,6 +5,7 @@ frontier plot, and whether the best variant beats the current default with a pai
     dvc repro align                                   # pairs and the warm start every variant starts from
     python benchmarks/study.py                        # all variants x seeds (resumable: finished runs are kept)
     python benchmarks/study.py --variants default,two_layers --seeds 0 --profile quick --limit 12   # a smoke run
+    python benchmarks/study.py --table-only --readme README.md   # the table of the runs finished so far
 
 Outputs under --out (default artifacts/study): <variant>/seed<k>/{train,eval}/, study.md (the table),
 study.json (its rows), frontier.png; `--readme README.md` also regenerates the README's results: the study
@@ -33,6 +34,7 @@ from es2.headline import from_outcomes, headline_rows  # noqa: E402
 from es2.io import write_json, write_text  # noqa: E402
 from es2.pipeline import stage  # noqa: E402
 from es2.results import replace_block, update_readme  # noqa: E402
+from es2.stages.baseline_cache import source_digest  # noqa: E402
 
 STUDY_START = "<!-- study:start (python benchmarks/study.py --readme README.md regenerates this block) -->"
 STUDY_END = "<!-- study:end -->"
@@ -44,22 +46,42 @@ def _es2(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def run_one(out: Path, overrides: list[str], seed: int, profile: str, limit: int, attacks: str | None,
-            extra: list[str]) -> dict:
-    """Train and evaluate one variant at one seed; a run whose evaluation finished is read back, not redone."""
-    metrics = out / "eval" / "metrics.json"
+def run_record(overrides: list[str], seed: int, profile: str, limit: int, attacks: str | None,
+               extra: list[str]) -> dict:
+    """What makes two runs of a variant comparable: its settings (the es2 --set overrides) and attacks."""
+    # evaluate.limit rather than --limit: the benign set keeps evaluate.benign_limit
+    return {"settings": [*overrides, f"train.seed={seed}", f"evaluate.profile={profile}", f"evaluate.limit={limit}",
+                         *extra], "attacks": attacks}
+
+
+def finished(out: Path, record: dict) -> dict | None:
+    """A run's evaluation metrics if it finished, else None. A run finished under other settings is refused by
+    name rather than mixed into the table (runs from before run.json was written are taken as they are)."""
+    metrics, stamp = out / "eval" / "metrics.json", out / "run.json"
     if not metrics.exists():
-        # evaluate.limit rather than --limit: the benign set keeps evaluate.benign_limit
-        settings = [*overrides, f"train.seed={seed}", f"evaluate.profile={profile}", f"evaluate.limit={limit}", *extra]
-        sets = [x for o in settings for x in ("--set", o)]
+        return None
+    done = json.loads(stamp.read_text()) if stamp.exists() else record
+    if {k: done.get(k) for k in record} != record:
+        raise SystemExit(f"{out} was run with {done['settings']} (attacks {done['attacks']}), not "
+                         f"{record['settings']} (attacks {record['attacks']}): delete it or pass another --out")
+    return json.loads(metrics.read_text())
+
+
+def run_one(out: Path, record: dict) -> dict:
+    """Train and evaluate one variant at one seed (`es2 train`, then `es2 evaluate` against the warm start).
+    A finished training is kept (train/metrics.json is written last), so deleting eval/ re-evaluates only."""
+    sets = [x for o in record["settings"] for x in ("--set", o)]
+    train_s = None
+    if not (out / "train" / "metrics.json").exists():
         started = time.perf_counter()
         _es2("train", "--out", str(out / "train"), *sets)
-        trained = time.perf_counter()
-        _es2("evaluate", "--model", str(out / "train" / "adapter"), "--baseline", "train-base",
-             "--out", str(out / "eval"), *(["--attacks", attacks] if attacks else []), *sets)
-        write_json(out / "timing.json", {"train_s": round(trained - started, 1),
-                                         "evaluate_s": round(time.perf_counter() - trained, 1)})
-    return json.loads(metrics.read_text())
+        train_s = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    _es2("evaluate", "--model", str(out / "train" / "adapter"), "--baseline", "train-base",
+         "--out", str(out / "eval"), *(["--attacks", record["attacks"]] if record["attacks"] else []), *sets)
+    write_json(out / "run.json", {**record, "es2_source": source_digest()[:12], "train_s": train_s,
+                                  "evaluate_s": round(time.perf_counter() - started, 1)})
+    return json.loads((out / "eval" / "metrics.json").read_text())
 
 
 def goal_row(variant: str, seed: int, m: dict, goals: dict) -> dict:
@@ -154,18 +176,19 @@ def frontier(path: Path, rows: list[dict], attacks: list[str]) -> None:
     tmp.replace(path)
 
 
-def best_vs_default(out: Path, rows: list[dict], seeds: list[int]) -> str:
-    """The best variant (most goals met over its seeds, then least over-refusal) against `default`, on the same
-    prompts, seed by seed: McNemar on every headline figure (es2.headline)."""
-    scores: dict[str, tuple] = {}
+def best_vs_default(out: Path, rows: list[dict]) -> str:
+    """The best variant (most goals met per run, then least over-refusal) against `default`, on the same prompts,
+    at every seed both ran: McNemar on every headline figure (es2.headline)."""
+    scores: dict[str, list] = {}
     for r in rows:
-        met, over = scores.get(r["variant"], (0, 0.0))
-        scores[r["variant"]] = (met + r["goals_met"], over - (r["over_refusal"] or 1))
-    best = max(scores, key=lambda v: scores[v])
+        scores.setdefault(r["variant"], []).append((r["goals_met"], -(r["over_refusal"] or 1)))
+    best = max(scores, key=lambda v: tuple(sum(x) / len(scores[v]) for x in zip(*scores[v])))
     if best == "default" or "default" not in scores:
         return f"Best variant: {best}; the default stays."
     lines = [f"Best variant: {best}. Paired against `default` on the same prompts (McNemar p per seed):"]
     better, worse = set(), set()
+    seeds = sorted({r["seed"] for r in rows if r["variant"] == best} & {r["seed"] for r in rows
+                                                                         if r["variant"] == "default"})
     for seed in seeds:
         roles = [from_outcomes(json.loads((out / v / f"seed{seed}" / "eval" / "outcomes.json").read_text())
                                ["roles"]["model"]) for v in (best, "default")]
@@ -194,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "artifacts" / "study"))
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="an override for every run, e.g. evaluate.trained_perturbations=false (stated in the table)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: the table, plot and README block from the runs already finished (the "
+                         "others are listed as not run)")
     ap.add_argument("--readme", help="README to regenerate: its study block and its results block")
     args = ap.parse_args(argv)
     spec = yaml.safe_load(Path(args.spec).read_text())
@@ -202,18 +228,35 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}: study.yaml has {list(spec['variants'])}")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else spec["seeds"]
-    if not (ROOT / "artifacts" / "align" / "adapter").exists():
-        raise SystemExit("no warm start in artifacts/align: run `dvc repro align` first (every variant starts from it)")
     out, goals = Path(args.out), spec["goals"]
-    rows = [goal_row(v, s, run_one(out / v / f"seed{s}", spec["variants"][v], s, args.profile, args.limit,
-                                  args.attacks, args.extra), goals)
-            for v in variants for s in seeds]
+    rows, missing, sources = [], [], set()
+    for v in variants:
+        for seed in seeds:
+            path, record = out / v / f"seed{seed}", run_record(spec["variants"][v], seed, args.profile, args.limit,
+                                                               args.attacks, args.extra)
+            metrics = finished(path, record)
+            if metrics is None and not args.table_only:
+                if not (ROOT / "artifacts" / "align" / "adapter").exists():
+                    raise SystemExit("no warm start in artifacts/align: run `dvc repro align` first (every variant "
+                                     "starts from it)")
+                metrics = run_one(path, record)
+            if metrics is None:
+                missing.append(f"{v} seed {seed}")
+                continue
+            rows.append(goal_row(v, seed, metrics, goals))
+            stamp = path / "run.json"
+            sources.add(json.loads(stamp.read_text())["es2_source"] if stamp.exists() else "unrecorded")
+    if not rows:
+        raise SystemExit(f"no finished run under {out} for {variants} x seeds {seeds}: run without --table-only")
     attacks = goals["effort_attacks"]
     n_goals = 6 + len(attacks)
+    notes = (f"Not run: {', '.join(missing)}.\n" if missing else "") + (
+        f"The runs were evaluated by different es2 code (source digests {sorted(sources)}): compare with care.\n"
+        if len(sources) > 1 else "")
     text = (f"# Equal-budget study (profile `{args.profile}`, attacks {args.attacks or 'evaluate.attacks'}, "
             f"seeds {seeds}{'; ' + ', '.join(args.extra) if args.extra else ''}; judge `semantic`, held-out "
-            "perturbations)\n\n" + table(rows, attacks, n_goals)
-            + "\n" + best_vs_default(out, rows, seeds) + "\n")
+            "perturbations)\n\n" + table(rows, attacks, n_goals) + notes
+            + "\n" + best_vs_default(out, rows) + "\n")
     write_json(out / "study.json", rows)
     write_text(out / "study.md", text)
     frontier(out / "frontier.png", rows, attacks)

@@ -93,7 +93,7 @@ def test_a_variant_that_meets_more_goals_is_paired_against_the_default_on_the_sa
     _outcomes(tmp_path / "two_layers" / "seed0" / "eval", [False, False, False, False], [False] * 4)
     rows = [study.goal_row("default", 0, _metrics(**{"headline/over_refusal": 0.5}), GOALS),
             study.goal_row("two_layers", 0, _metrics(), GOALS)]
-    text = study.best_vs_default(tmp_path, rows, [0])
+    text = study.best_vs_default(tmp_path, rows)
     assert text.startswith("Best variant: two_layers.")
     assert "seed 0: direct_asr -25% (p = 1)" in text and "over_refusal -50% (p = 0.5)" in text
     assert text.endswith("Better at p < 0.05 on no figure, worse on none: the default stays.")
@@ -104,4 +104,40 @@ def test_a_variant_better_on_a_goal_figure_at_p_005_and_worse_on_none_should_bec
     _outcomes(tmp_path / "two_layers" / "seed0" / "eval", [False] * 8, [False] * 4)
     rows = [study.goal_row("default", 0, _metrics(**{"headline/over_refusal": 1.0}), GOALS),
             study.goal_row("two_layers", 0, _metrics(), GOALS)]
-    assert "Better at p < 0.05 on over_refusal and worse on none" in study.best_vs_default(tmp_path, rows, [0])
+    assert "Better at p < 0.05 on over_refusal and worse on none" in study.best_vs_default(tmp_path, rows)
+
+
+def test_a_finished_run_is_read_back_and_one_finished_under_other_settings_is_refused_by_name(tmp_path):
+    record = study.run_record(["train.layers=[0.4,0.6]"], 1, "quick", 16, "direct,scav", [])
+    assert record["settings"] == ["train.layers=[0.4,0.6]", "train.seed=1", "evaluate.profile=quick",
+                                  "evaluate.limit=16"]
+    assert study.finished(tmp_path, record) is None  # nothing evaluated yet (a training alone does not count)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps(_metrics()))
+    (tmp_path / "run.json").write_text(json.dumps({**record, "es2_source": "abc"}))
+    assert study.finished(tmp_path, record)["headline/direct_asr"] == 0.05
+    other = study.run_record([], 1, "quick", 16, "direct,scav", [])
+    with pytest.raises(SystemExit, match=r"was run with .*train.layers.*delete it or pass another --out"):
+        study.finished(tmp_path, other)
+
+
+def test_the_best_variant_is_chosen_per_run_and_paired_only_at_the_seeds_both_ran(tmp_path):
+    _outcomes(tmp_path / "default" / "seed0" / "eval", [True] * 4, [False] * 4)
+    _outcomes(tmp_path / "two_layers" / "seed0" / "eval", [False] * 4, [False] * 4)
+    worse = _metrics(**{"headline/over_refusal": 0.5})
+    rows = [study.goal_row("default", s, worse, GOALS) for s in (0, 1, 2)]  # more runs, fewer goals per run
+    rows.append(study.goal_row("two_layers", 0, _metrics(), GOALS))
+    text = study.best_vs_default(tmp_path, rows)
+    assert text.startswith("Best variant: two_layers.") and "seed 0:" in text and "seed 1" not in text
+
+
+def test_table_only_runs_nothing_and_names_the_runs_not_made(tmp_path, capsys):
+    record = study.run_record([], 0, "quick", 16, None, [])
+    (tmp_path / "default" / "seed0" / "eval").mkdir(parents=True)
+    (tmp_path / "default" / "seed0" / "eval" / "metrics.json").write_text(json.dumps(_metrics()))
+    (tmp_path / "default" / "seed0" / "run.json").write_text(json.dumps({**record, "es2_source": "abc"}))
+    study.main(["--table-only", "--variants", "default,two_layers", "--seeds", "0,1", "--profile", "quick",
+                "--limit", "16", "--out", str(tmp_path)])
+    text = (tmp_path / "study.md").read_text()
+    assert "| default | 0 |" in text and "Not run: default seed 1, two_layers seed 0, two_layers seed 1." in text
+    assert not (tmp_path / "two_layers").exists() and (tmp_path / "frontier.png").exists()
