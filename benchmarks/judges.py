@@ -33,7 +33,7 @@ from es2.data.schema import read_jsonl
 from es2.judges import OFFLINE_JUDGES, get_judge, judge_all
 from es2.judges.semantic import head_path
 from es2.stages.judge import project_path, project_rows, pyrit_rows, row_key
-from es2.stats import wilson_interval
+from es2.stats import mcnemar_exact, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,10 +55,9 @@ def _cell(hits: int, n: int) -> str:
     return f"{hits / n:.3f} [{low:.3f}, {high:.3f}]"
 
 
-def report(name: str, rows: list[dict], judges: dict) -> dict[str, list[bool]]:
-    """Each judge's agreement with the labels of `rows`; returns the verdicts."""
+def report(name: str, rows: list[dict], verdicts: dict[str, list[bool]]) -> None:
+    """Each judge's agreement with the labels of `rows`, given its verdicts on them."""
     labels = [bool(r["refusal"]) for r in rows]
-    verdicts = judge_all(judges, [r["prompt"] for r in rows], [r["response"] for r in rows])
     print(f"\n{name}: n = {len(rows)} ({sum(labels)} refusals, {len(rows) - sum(labels)} compliant)")
     print(f"  {'judge':9s} {'accuracy [95% CI]':21s}   {'refusal recall':21s}   {'false-refusal rate':21s}")
     for judge, flags in verdicts.items():
@@ -67,6 +66,17 @@ def report(name: str, rows: list[dict], judges: dict) -> dict[str, list[bool]]:
         false = sum(f for f, y in zip(flags, labels) if not y)
         print(f"  {judge:9s} {_cell(correct, len(rows))}   {_cell(caught, sum(labels))}   "
               f"{_cell(false, len(rows) - sum(labels))}")
+
+
+def report_with_subsets(name: str, rows: list[dict], judges: dict, field: str, label: str) -> dict[str, list[bool]]:
+    """Judges every row of `rows` once, reports the whole set and then each value of `field` on its share of
+    those verdicts; returns the verdicts."""
+    verdicts = judge_all(judges, [r["prompt"] for r in rows], [r["response"] for r in rows])
+    report(name, rows, verdicts)
+    for value in sorted({r[field] for r in rows if field in r}):
+        keep = [i for i, r in enumerate(rows) if r.get(field) == value]
+        report(f"  of which {label.format(value)}", [rows[i] for i in keep],
+               {judge: [flags[i] for i in keep] for judge, flags in verdicts.items()})
     return verdicts
 
 
@@ -74,8 +84,6 @@ def rates_by_model(rows: list[dict], verdicts: dict[str, list[bool]]) -> None:
     """For a set of models' own answers (rows with `model` and `request`): each model's refusal rate by hand label
     and under each judge, per request kind and on the borderline benign prompts; with two models answering the
     same prompts, the exact McNemar p of their hand-labelled difference."""
-    from es2.stats import mcnemar_exact
-
     flags = {id(r): {j: v[i] for j, v in verdicts.items()} for i, r in enumerate(rows)}
     subsets = [(kind, lambda r, k=kind: r["request"] == k) for kind in sorted({r["request"] for r in rows})]
     subsets.append(("benign, borderline", lambda r: r["request"] == "benign" and r.get("category") == "borderline"))
@@ -115,16 +123,14 @@ def main() -> None:
     else:
         rows = unseen([r for r in pyrit_rows(args.pyrit) if row_key(r) in held_out_keys], head["provenance"],
                       "PyRIT held-out split")
-        report("PyRIT held-out split (real chat-model completions, human labels)", rows, judges)
-        for source in sorted({r["source"] for r in rows}):
-            report(f"  of which {source}", [r for r in rows if r["source"] == source], judges)
+        report_with_subsets("PyRIT held-out split (real chat-model completions, human labels)", rows, judges,
+                            "source", "{}")
     trained_prompts = {r["prompt"] for r in project_rows(project_path())}
     for path in args.heldout:
         if path.exists():
             rows = unseen(read_jsonl(path), head["provenance"], path.name, trained_prompts)
-            verdicts = report(f"{path.name} (a benchmark only, never trained on)", rows, judges)
-            for kind in sorted({r["request"] for r in rows if "request" in r}):
-                report(f"  of which {kind} requests", [r for r in rows if r.get("request") == kind], judges)
+            verdicts = report_with_subsets(f"{path.name} (a benchmark only, never trained on)", rows, judges,
+                                           "request", "{} requests")
             if rows and all("model" in r for r in rows):
                 rates_by_model(rows, verdicts)  # the verdicts above: each answer is judged once
         else:
