@@ -149,25 +149,34 @@ def table(rows: list[dict], attacks: list[str], n_goals: int) -> str:
                               "borderline) prompts.\n")
 
 
-def frontier(path: Path, rows: list[dict], attacks: list[str]) -> None:
-    """Over-refusal against harmful refusal and against the weakest effort ratio, every variant and seed."""
+def frontier(path: Path, rows: list[dict], attacks: list[str], goals: dict) -> None:
+    """Over-refusal against direct-request refusal and against the effort goals met (ratio and intervals apart),
+    every variant and seed, with the goals drawn: a point in the shaded corner meets both of its panel's goals."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 4.2))
     FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2)
-    for i, variant in enumerate(dict.fromkeys(r["variant"] for r in rows)):
+    max_over = goals["over_refusal_max"] * 100
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    for i, variant in enumerate(variants):
         mine = [r for r in rows if r["variant"] == variant]
         x = [100 * r["over_refusal"] for r in mine]
         left.scatter(x, [100 * r["direct_refusal"] for r in mine], label=variant, color=f"C{i}")
-        weakest = [min(min((r[f"effort_{a}"] or 0.0) for a in attacks), 1e3) or 1e-2 for r in mine]
-        right.scatter(x, weakest, label=variant, color=f"C{i}")
+        # whole numbers: a small offset per variant keeps runs with the same count apart
+        met = [sum(f"effort_{a}" not in r["goals_failed"] for a in attacks) + 0.06 * (i - len(variants) / 2)
+               for r in mine]
+        right.scatter(x, met, label=variant, color=f"C{i}")
+    left.axvline(max_over, color="grey", linestyle=":")
+    left.axhline(goals["direct_refusal_min"] * 100, color="grey", linestyle=":")
+    left.fill_between([0, max_over], goals["direct_refusal_min"] * 100, 100, color="green", alpha=0.08)
     left.set(xlabel="over-refusal on benign prompts (%)", ylabel="direct-request refusal (%)",
-             title="safer without refusing everything: up and left")
-    right.set(xlabel="over-refusal on benign prompts (%)", ylabel="weakest effort ratio vs warm start",
-              yscale="log", title="harder to attack: up and left")
-    right.axhline(2.0, color="grey", linestyle=":")
+             title=f"safer without refusing everything (goal: ≤{max_over:.0f}%, ≥{goals['direct_refusal_min']:.0%})")
+    right.fill_between([0, max_over], len(attacks) - 0.5, len(attacks) + 0.5, color="green", alpha=0.08)
+    right.set(xlabel="over-refusal on benign prompts (%)", yticks=range(len(attacks) + 1),
+              ylabel=f"effort goals met (of {', '.join(attacks)})", ylim=(-0.5, len(attacks) + 0.5),
+              title=f"harder to attack (goal: x{goals['effort_ratio_min']:g}, intervals apart)")
     left.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
             + "\n" + best_vs_default(out, rows) + "\n")
     write_json(out / "study.json", rows)
     write_text(out / "study.md", text)
-    frontier(out / "frontier.png", rows, attacks)
+    frontier(out / "frontier.png", rows, attacks, goals)
     print(text)
     if args.readme:
         readme = Path(args.readme)
