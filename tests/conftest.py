@@ -1,7 +1,9 @@
-"""Shared test setup: offline environment, paths to the optional shared datasets, small record fixtures."""
+"""Shared test setup: offline environment, paths to the optional shared datasets, small record fixtures, the
+tiny model and a finished train stage on it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -61,6 +63,49 @@ def lm(tiny_model_dir):
 
     torch.set_num_threads(1)
     return load_causal_lm(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model_dir, tmp_path_factory):
+    """A finished train stage: a perturbed (non-zero) LoRA on the tiny model, its metrics, curve and plot,
+    the align metrics. Returns (template artifacts dir, in-memory peft model, tokenizer). Here rather than in
+    tests/tracking_support.py so that both tracking test modules share one (a fixture imported into two
+    modules is built once per module, whatever its scope); tests/test_portable_artifacts.py defines its own
+    `trained`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from es2.modeling import load_tokenizer
+    from es2.stages.train import _save_curve
+
+    art = tmp_path_factory.mktemp("pipeline") / "artifacts"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # LoRA B starts at zero: make the adapter change the logits
+    model.eval()
+    model.save_pretrained(art / "train" / "adapter")
+    history = [{"step": s, "loss": 1.0 / s, "loss/separation": -0.5 * s, "loss/kl": 0.01 * s,
+                "grad_norm": 2.0} for s in (5, 10, 15, 20)]
+    _save_curve(history, art / "train")
+    (art / "train" / "metrics.json").write_text(json.dumps({
+        "method": "es2", "steps": 20, "world_size": 1, "heldout_dprime_base": 1.2,
+        "heldout_dprime_trained": 2.9,
+        "heldout_dprime_ratio": 2.42, "heldout_norm_change": 0.03, "heldout_kl_harmless": 0.004,
+        "final_train_loss": 0.05, "wall_seconds": 42.0,
+        "per_layer": {"base": {"dprime/mean": 1.2, "dprime/layer1": 1.1}, "trained": {"dprime/mean": 2.9}}}))
+    (art / "align").mkdir()
+    (art / "align" / "metrics.json").write_text(json.dumps({
+        "enabled": True, "steps": 40,
+        "before": {"examples": {"harmful": ["Sure, ..."]},
+                   "refusal_jbb": {"rate": 0.125, "ci95": [0.04, 0.31], "n": 24}},
+        "after": {"refusal_jbb": {"rate": 0.92, "ci95": [0.74, 0.98], "n": 24}}}))
+    return art, model, load_tokenizer(str(tiny_model_dir))
 
 
 def tiny_params(params: dict, model_dir: Path) -> dict:
