@@ -30,6 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from es2.config import load_params  # noqa: E402
 from es2.headline import from_outcomes, headline_rows  # noqa: E402
 from es2.io import write_json, write_text  # noqa: E402
 from es2.pipeline import stage  # noqa: E402
@@ -47,11 +48,26 @@ def _es2(*args: str) -> None:
 
 
 def run_record(overrides: list[str], seed: int, profile: str, limit: int, attacks: str | None,
-               extra: list[str]) -> dict:
-    """What makes two runs of a variant comparable: its settings (the es2 --set overrides) and attacks."""
+               extra: list[str], params_file: Path = ROOT / "params.yaml") -> dict:
+    """What makes two runs of a variant comparable: the train and evaluate sections they resolve to (params.yaml
+    with the overrides applied, so that a later edit of params.yaml is caught, not only a changed override) and
+    the attacks. `settings` (the es2 --set overrides) say how the run was made."""
     # evaluate.limit rather than --limit: the benign set keeps evaluate.benign_limit
-    return {"settings": [*overrides, f"train.seed={seed}", f"evaluate.profile={profile}", f"evaluate.limit={limit}",
-                         *extra], "attacks": attacks}
+    settings = [*overrides, f"train.seed={seed}", f"evaluate.profile={profile}", f"evaluate.limit={limit}", *extra]
+    resolved = load_params(params_file, tuple(settings))
+    return {"settings": settings, "attacks": attacks,
+            "params": {section: getattr(resolved, section).model_dump(mode="json") for section in ("train", "evaluate")}}
+
+
+def _differences(done: dict, record: dict) -> list[str]:
+    """What a finished run's record says that `record` does not, as `section.key=then (now ...)`."""
+    if done.get("attacks") != record["attacks"]:
+        return [f"attacks {done.get('attacks')} (now {record['attacks']})"]
+    if "params" not in done:
+        return [f"{done.get('settings')}, its resolved params not recorded"]
+    return [f"{section}.{key}={done['params'].get(section, {}).get(key)} (now {value})"
+            for section, values in record["params"].items() for key, value in values.items()
+            if done["params"].get(section, {}).get(key) != value]
 
 
 def finished(out: Path, record: dict) -> dict | None:
@@ -60,10 +76,9 @@ def finished(out: Path, record: dict) -> dict | None:
     metrics, stamp = out / "eval" / "metrics.json", out / "run.json"
     if not metrics.exists():
         return None
-    done = json.loads(stamp.read_text()) if stamp.exists() else record
-    if {k: done.get(k) for k in record} != record:
-        raise SystemExit(f"{out} was run with {done['settings']} (attacks {done['attacks']}), not "
-                         f"{record['settings']} (attacks {record['attacks']}): delete it or pass another --out")
+    differ = _differences(json.loads(stamp.read_text()), record) if stamp.exists() else []
+    if differ:
+        raise SystemExit(f"{out} was run with {'; '.join(differ)}: delete it or pass another --out")
     return json.loads(metrics.read_text())
 
 

@@ -121,6 +121,27 @@ def test_a_finished_run_is_read_back_and_one_finished_under_other_settings_is_re
         study.finished(tmp_path, other)
 
 
+def test_a_run_made_before_params_yaml_changed_is_refused_naming_the_key(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    run = tmp_path / "default" / "seed0"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "metrics.json").write_text(json.dumps(_metrics()))
+    record = study.run_record([], 0, "quick", 16, None, [], params_file=params)
+    (run / "run.json").write_text(json.dumps({**record, "es2_source": "abc"}))
+    assert study.finished(run, record) is not None
+    # the same overrides, but the default itself changed: the old run no longer stands for `default`
+    params.write_text(params.read_text().replace("  lr: 0.0001", "  lr: 0.0003", 1))
+    changed = study.run_record([], 0, "quick", 16, None, [], params_file=params)
+    assert changed["settings"] == record["settings"]
+    with pytest.raises(SystemExit, match=r"train\.lr=0\.0001 \(now 0\.0003\)"):
+        study.finished(run, changed)
+    legacy = {k: v for k, v in record.items() if k != "params"}
+    (run / "run.json").write_text(json.dumps(legacy))
+    with pytest.raises(SystemExit, match="resolved params not recorded"):
+        study.finished(run, record)
+
+
 def test_the_best_variant_is_chosen_per_run_and_paired_only_at_the_seeds_both_ran(tmp_path):
     _outcomes(tmp_path / "default" / "seed0" / "eval", [True] * 4, [False] * 4)
     _outcomes(tmp_path / "two_layers" / "seed0" / "eval", [False] * 4, [False] * 4)
