@@ -10,9 +10,9 @@ So a loss is, on every rank, the 1-process loss of the concatenated batch. Gradi
 differentiable collective sums over ranks the gradients of the N identical per-rank losses, so a rank's local
 inputs receive N times their true gradient; DDP (also accelerate, FSDP) *averages* parameter gradients over the
 N ranks, which divides the N out again. The result equals the 1-process gradient exactly, so do not rescale by
-the world size, and do not pair this with a reducer that sums gradients. ``tests/test_loss_distributed.py`` checks it with
-2 gloo processes. Every rank must issue the same collectives in the same order (the same layers, the same
-token terms); per-rank batch sizes may differ. On one process every function here is the identity.
+the world size, and do not pair this with a reducer that sums gradients. ``tests/test_loss_distributed.py``
+checks it with 2 gloo processes. Every rank must issue the same collectives in the same order (the same layers,
+the same token terms); per-rank batch sizes may differ. On one process every function here is the identity.
 """
 
 from __future__ import annotations
