@@ -4,11 +4,13 @@ frontier plot, and whether the best variant beats the current default with a pai
 
     dvc repro align                                   # pairs and the warm start every variant starts from
     python benchmarks/study.py                        # all variants x seeds (resumable: finished runs are kept)
-    python benchmarks/study.py --variants default,two_layers --seeds 0 --profile quick --limit 12   # a smoke run
+    python benchmarks/study.py --variants default,four_layers --seeds 0 --profile quick --limit 12   # a smoke run
     python benchmarks/study.py --table-only --readme README.md   # the table of the runs finished so far
 
 Outputs under --out (default artifacts/study): <variant>/seed<k>/{train,eval}/, study.md (the table),
-study.json (its rows), frontier.png; `--readme README.md` also regenerates the README's results: the study
+study.json (its rows), frontier.png. Commit each run's record (run.json, eval/metrics.json, eval/outcomes.json;
+.gitignore lets them in): `--table-only` rebuilds the table from them in any clone, the adapters being
+needed by no figure. `--readme README.md` also regenerates the README's results: the study
 block, and the default run's headline from artifacts/evaluate (`es2 results`). Each run is `es2 train` then
 `es2 evaluate --baseline train-base`, so every figure carries its own paired test against the warm start; the
 table's interval columns come from there.

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,8 @@ def test_a_variant_better_on_a_goal_figure_at_p_005_and_worse_on_none_should_bec
 
 
 def test_a_finished_run_is_read_back_and_one_finished_under_other_settings_is_refused_by_name(tmp_path):
-    record = study.run_record(["train.layers=[0.4,0.6]"], 1, "quick", 16, "direct,scav", [])
-    assert record["settings"] == ["train.layers=[0.4,0.6]", "train.seed=1", "evaluate.profile=quick",
+    record = study.run_record(["train.layers=[16,20,24,28]"], 1, "quick", 16, "direct,scav", [])
+    assert record["settings"] == ["train.layers=[16,20,24,28]", "train.seed=1", "evaluate.profile=quick",
                                   "evaluate.limit=16"]
     assert study.finished(tmp_path, record) is None  # nothing evaluated yet (a training alone does not count)
     (tmp_path / "eval").mkdir()
@@ -157,8 +158,17 @@ def test_table_only_runs_nothing_and_names_the_runs_not_made(tmp_path, capsys):
     (tmp_path / "default" / "seed0" / "eval").mkdir(parents=True)
     (tmp_path / "default" / "seed0" / "eval" / "metrics.json").write_text(json.dumps(_metrics()))
     (tmp_path / "default" / "seed0" / "run.json").write_text(json.dumps({**record, "es2_source": "abc"}))
-    study.main(["--table-only", "--variants", "default,two_layers", "--seeds", "0,1", "--profile", "quick",
+    study.main(["--table-only", "--variants", "default,four_layers", "--seeds", "0,1", "--profile", "quick",
                 "--limit", "16", "--out", str(tmp_path)])
     text = (tmp_path / "study.md").read_text()
-    assert "| default | 0 |" in text and "Not run: default seed 1, two_layers seed 0, two_layers seed 1." in text
-    assert not (tmp_path / "two_layers").exists() and (tmp_path / "frontier.png").exists()
+    assert "| default | 0 |" in text and "Not run: default seed 1, four_layers seed 0, four_layers seed 1." in text
+    assert not (tmp_path / "four_layers").exists() and (tmp_path / "frontier.png").exists()
+
+
+def test_git_keeps_what_the_table_is_rebuilt_from_and_leaves_the_adapters_out():
+    run = "artifacts/study/any_variant/seed3"
+    kept = [f"{run}/run.json", f"{run}/eval/metrics.json", f"{run}/eval/outcomes.json"]
+    left = [f"{run}/train/adapter/adapter_model.safetensors", f"{run}/eval/report.html"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *kept, *left], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    assert ignored == left
