@@ -204,30 +204,37 @@ def frontier(path: Path, rows: list[dict], attacks: list[str], goals: dict) -> N
 
 def best_vs_default(out: Path, rows: list[dict]) -> str:
     """The best variant (most goals met per run, then least over-refusal) against `default`, on the same prompts,
-    at every seed both ran: McNemar on every headline figure (es2.headline)."""
+    at every seed both ran: McNemar on every headline figure (es2.headline). When the default is the best, its
+    runner-up is paired against it instead, so the table always shows what separates the two leaders."""
     scores: dict[str, list] = {}
     for r in rows:
         scores.setdefault(r["variant"], []).append((r["goals_met"], -(r["over_refusal"] or 1)))
-    best = max(scores, key=lambda v: tuple(sum(x) / len(scores[v]) for x in zip(*scores[v])))
-    if best == "default" or "default" not in scores:
-        return f"Best variant: {best}; the default stays."
-    lines = [f"Best variant: {best}. Paired against `default` on the same prompts (McNemar p per seed):"]
+    ranked = sorted(scores, key=lambda v: tuple(sum(x) / len(scores[v]) for x in zip(*scores[v])), reverse=True)
+    if "default" not in scores or ranked == ["default"]:
+        return f"Best variant: {ranked[0]}; the default stays."
+    challenger = ranked[1] if ranked[0] == "default" else ranked[0]
+    lines = [f"Best variant: default; its runner-up, {challenger}, paired against it on the same prompts (McNemar p "
+             "per seed):" if challenger != ranked[0] else
+             f"Best variant: {challenger}. Paired against `default` on the same prompts (McNemar p per seed):"]
     better, worse = set(), set()
-    seeds = sorted({r["seed"] for r in rows if r["variant"] == best} & {r["seed"] for r in rows
-                                                                         if r["variant"] == "default"})
+    seeds = sorted({r["seed"] for r in rows if r["variant"] == challenger} & {r["seed"] for r in rows
+                                                                               if r["variant"] == "default"})
     for seed in seeds:
         roles = [from_outcomes(json.loads((out / v / f"seed{seed}" / "eval" / "outcomes.json").read_text())
-                               ["roles"]["model"]) for v in (best, "default")]
+                               ["roles"]["model"]) for v in (challenger, "default")]
         tested = [r for r in headline_rows(*roles) if r.pvalue is not None]
         lines.append(f"- seed {seed}: " + "; ".join(f"{r.figure} {r.diff:+.0%} (p = {r.pvalue:.2g})" for r in tested))
         for r in (r for r in tested if r.pvalue < 0.05 and r.diff):
             (better if (r.diff < 0) == r.lower_is_better else worse).add(r.figure)
-    if better and not worse:
-        lines.append(f"Better at p < 0.05 on {', '.join(sorted(better))} and worse on none: it should become the "
-                     "default (params.yaml, by hand, with this table in the commit).")
+    better_on, worse_on = ", ".join(sorted(better)) or "no figure", ", ".join(sorted(worse)) or "none"
+    if challenger != ranked[0]:
+        lines.append(f"{challenger} is better at p < 0.05 on {better_on}, worse on {worse_on}: the default stays "
+                     "(it meets more goals per run).")
+    elif better and not worse:
+        lines.append(f"Better at p < 0.05 on {better_on} and worse on none: it should become the default "
+                     "(params.yaml, by hand, with this table in the commit).")
     else:
-        lines.append(f"Better at p < 0.05 on {', '.join(sorted(better)) or 'no figure'}, worse on "
-                     f"{', '.join(sorted(worse)) or 'none'}: the default stays.")
+        lines.append(f"Better at p < 0.05 on {better_on}, worse on {worse_on}: the default stays.")
     return "\n".join(lines)
 
 

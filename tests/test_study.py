@@ -108,6 +108,21 @@ def test_a_variant_better_on_a_goal_figure_at_p_005_and_worse_on_none_should_bec
     assert "Better at p < 0.05 on over_refusal and worse on none" in study.best_vs_default(tmp_path, rows)
 
 
+def test_a_default_that_meets_the_most_goals_is_paired_against_its_runner_up(tmp_path):
+    _outcomes(tmp_path / "default" / "seed0" / "eval", [False] * 8, [False] * 4)
+    _outcomes(tmp_path / "four_layers" / "seed0" / "eval", [True] * 8, [False] * 4)
+    rows = [study.goal_row("default", 0, _metrics(), GOALS),
+            study.goal_row("four_layers", 0, _metrics(**{"headline/over_refusal": 1.0}), GOALS),
+            study.goal_row("refusal_ce", 0, _metrics(**{"headline/over_refusal": 1.0, "headline/direct_asr": 0.5}),
+                           GOALS)]
+    text = study.best_vs_default(tmp_path, rows)
+    assert text.startswith("Best variant: default; its runner-up, four_layers, paired against it")
+    assert "seed 0: direct_asr +0% (p = 1)" in text and "over_refusal +100% (p = 0.0078)" in text
+    assert text.endswith("four_layers is better at p < 0.05 on no figure, worse on over_refusal: the default stays "
+                         "(it meets more goals per run).")
+    assert study.best_vs_default(tmp_path, rows[:1]) == "Best variant: default; the default stays."
+
+
 def test_a_finished_run_is_read_back_and_one_finished_under_other_settings_is_refused_by_name(tmp_path):
     record = study.run_record(["train.layers=[16,20,24,28]"], 1, "quick", 16, "direct,scav", [])
     assert record["settings"] == ["train.layers=[16,20,24,28]", "train.seed=1", "evaluate.profile=quick",
