@@ -212,9 +212,10 @@ def best_vs_default(out: Path, rows: list[dict]) -> str:
     ranked = sorted(scores, key=lambda v: tuple(sum(x) / len(scores[v]) for x in zip(*scores[v])), reverse=True)
     if "default" not in scores or ranked == ["default"]:
         return f"Best variant: {ranked[0]}; the default stays."
-    challenger = ranked[1] if ranked[0] == "default" else ranked[0]
+    default_leads = ranked[0] == "default"
+    challenger = ranked[1] if default_leads else ranked[0]
     lines = [f"Best variant: default; its runner-up, {challenger}, paired against it on the same prompts (McNemar p "
-             "per seed):" if challenger != ranked[0] else
+             "per seed):" if default_leads else
              f"Best variant: {challenger}. Paired against `default` on the same prompts (McNemar p per seed):"]
     better, worse = set(), set()
     seeds = sorted({r["seed"] for r in rows if r["variant"] == challenger} & {r["seed"] for r in rows
@@ -227,9 +228,9 @@ def best_vs_default(out: Path, rows: list[dict]) -> str:
         for r in (r for r in tested if r.pvalue < 0.05 and r.diff):
             (better if (r.diff < 0) == r.lower_is_better else worse).add(r.figure)
     better_on, worse_on = ", ".join(sorted(better)) or "no figure", ", ".join(sorted(worse)) or "none"
-    if challenger != ranked[0]:
+    if default_leads:
         lines.append(f"{challenger} is better at p < 0.05 on {better_on}, worse on {worse_on}: the default stays "
-                     "(it meets more goals per run).")
+                     "(it ranks first on goals met per run, then over-refusal).")
     elif better and not worse:
         lines.append(f"Better at p < 0.05 on {better_on} and worse on none: it should become the default "
                      "(params.yaml, by hand, with this table in the commit).")

@@ -119,7 +119,7 @@ def test_a_default_that_meets_the_most_goals_is_paired_against_its_runner_up(tmp
     assert text.startswith("Best variant: default; its runner-up, four_layers, paired against it")
     assert "seed 0: direct_asr +0% (p = 1)" in text and "over_refusal +100% (p = 0.0078)" in text
     assert text.endswith("four_layers is better at p < 0.05 on no figure, worse on over_refusal: the default stays "
-                         "(it meets more goals per run).")
+                         "(it ranks first on goals met per run, then over-refusal).")
     assert study.best_vs_default(tmp_path, rows[:1]) == "Best variant: default; the default stays."
 
 
