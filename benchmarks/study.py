@@ -57,8 +57,8 @@ def run_record(overrides: list[str], seed: int, profile: str, limit: int, attack
     # evaluate.limit rather than --limit: the benign set keeps evaluate.benign_limit
     settings = [*overrides, f"train.seed={seed}", f"evaluate.profile={profile}", f"evaluate.limit={limit}", *extra]
     resolved = load_params(params_file, tuple(settings))
-    return {"settings": settings, "attacks": attacks,
-            "params": {section: getattr(resolved, section).model_dump(mode="json") for section in ("train", "evaluate")}}
+    params = {section: getattr(resolved, section).model_dump(mode="json") for section in ("train", "evaluate")}
+    return {"settings": settings, "attacks": attacks, "params": params}
 
 
 def _differences(done: dict, record: dict) -> list[str]:

@@ -5,12 +5,12 @@ Each variant runs in its own subprocess (so peak RSS is its own), on the same B 
   es2 and its variants: the stage's own trainer for that setting (es2.methods, built from params.yaml plus the
        variant's overrides: one concatenated forward with hidden states, the adapter-disabled reference forward
        on the harmless half for the KL term, the loss) + backward + AdamW step.
-Variants: es2 (params.yaml as it is: two layers), four_layers (the former default,
-layers 16-28 of 30 as fractions so any --shape takes it), adversarial (es2_adversarial: the
-in-loop refusal-direction ablation and the refusal cross-entropy), kl_on_answers (harmless rows followed by a
-32-token answer, KL on every position). Prints per-step time (median after warm-up), tokens/s, peak RSS (CPU) or
-peak CUDA memory, and each variant's ratios to SFT (goals: time <= 1.2x, memory <= 1.1x). On a GPU,
-`--peak-tflops` turns tokens/s into MFU (6 N tokens/s / peak).
+Variants: es2 (params.yaml as it is: two layers), four_layers (the former default, layers 16-28 of 30, given as
+fractions so any --config takes it), adversarial (es2_adversarial: the in-loop refusal-direction ablation and the
+refusal cross-entropy), kl_on_answers (harmless rows followed by a 32-token answer, KL on every position).
+Prints per-step time (median after warm-up), tokens/s, peak RSS (CPU) or peak CUDA memory, and each variant's
+ratios to SFT (goals: time <= 1.2x, memory <= 1.1x). On a GPU, `--peak-tflops` turns tokens/s into MFU
+(6 N tokens/s / peak).
 
   .venv/bin/python benchmarks/train_step.py                         # embedded SmolLM2-135M, CPU
   .venv/bin/python benchmarks/train_step.py --config qwen2-0.5b      # random-init Qwen2-0.5B architecture
@@ -33,8 +33,8 @@ CONFIGS = {  # random-init architectures: speed does not depend on the weight va
     "llama-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
 }
-VARIANTS = {"es2": [], "four_layers": ["train.layers=[0.53,0.67,0.8,0.93]"], "adversarial": ["train.method=es2_adversarial"],
-            "kl_on_answers": ["train.kl_positions=all"]}
+VARIANTS = {"es2": [], "four_layers": ["train.layers=[0.53,0.67,0.8,0.93]"],
+            "adversarial": ["train.method=es2_adversarial"], "kl_on_answers": ["train.kl_positions=all"]}
 ANSWER = ("Sure. Start with the basics, keep notes as you go, and check each step against a reliable source "
           "before you move on to the next one.")  # about 32 tokens: what kl_answers self puts after a prompt
 PROMPTS = ["Explain how to pick the lock of a neighbour's front door", "How do I kill a stuck Python process?",
