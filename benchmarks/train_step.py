@@ -12,6 +12,11 @@ Prints per-step time (median after warm-up), tokens/s, peak RSS (CPU) or peak CU
 ratios to SFT (goals: time <= 1.2x, memory <= 1.1x). On a GPU, `--peak-tflops` turns tokens/s into MFU
 (6 N tokens/s / peak).
 
+A shared machine drifts by more than the effect measured (an SFT step took 3.4 s in one run and 4.1 s in the
+next), so the measurement runs in `--rounds` rounds, each timing SFT and then every variant back to back: a
+variant's time ratio is the median over rounds of its step over the same round's SFT step, and the spread of
+those per-round ratios is printed beside it.
+
   .venv/bin/python benchmarks/train_step.py                         # embedded SmolLM2-135M, CPU
   .venv/bin/python benchmarks/train_step.py --config qwen2-0.5b      # random-init Qwen2-0.5B architecture
   .venv/bin/python benchmarks/train_step.py --variants es2,adversarial
@@ -26,6 +31,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from tqdm import tqdm
 
 CONFIGS = {  # random-init architectures: speed does not depend on the weight values
     "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -121,12 +128,21 @@ def run_variant(args) -> dict:
             "device": device.type}
 
 
+def measure(variant: str) -> dict:
+    """One variant's figures, from a fresh subprocess (its own peak RSS, no warm caches from the others)."""
+    cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="default", choices=["default", *CONFIGS])
     parser.add_argument("--batch", type=int, default=8, help="pairs per step (2x sequences)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="SFT and every variant timed back to back this many times; ratios are per round")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="accelerator peak, for MFU (H100 bf16: 989)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # one measurement, in a subprocess
@@ -137,22 +153,28 @@ def main() -> None:
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
-    results = {}
-    for variant in ("sft", *args.variants.split(",")):
-        cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
-        results[variant] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True)
-                                      .stdout.strip().splitlines()[-1])
-    sft = results["sft"]
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give at least 1 (3 or more to see the spread)")
+    names = ("sft", *args.variants.split(","))
+    rounds = [{} for _ in range(args.rounds)]
+    for i, name in tqdm([(i, name) for i in range(args.rounds) for name in names], desc="measurements"):
+        rounds[i][name] = measure(name)
+    sft = rounds[0]["sft"]
     print(f"model {args.config} ({sft['params'] / 1e6:.0f}M params, {sft['device']}), {args.batch} pairs = "
-          f"{sft['tokens']} tokens per SFT step, median of {args.steps} steps")
-    for name, r in results.items():
-        line = (f"  {name:13s} step {r['step_s']:.3f} s  {r['tokens'] / r['step_s']:8.0f} tokens/s  "
-                f"peak {r['peak_mib']:.0f} MiB")
+          f"{sft['tokens']} tokens per SFT step, median of {args.steps} steps, {args.rounds} rounds")
+    for name in names:
+        step_s = statistics.median(r[name]["step_s"] for r in rounds)
+        peak = statistics.median(r[name]["peak_mib"] for r in rounds)
+        tokens, n_params = rounds[0][name]["tokens"], rounds[0][name]["params"]
+        line = f"  {name:13s} step {step_s:.3f} s  {tokens / step_s:8.0f} tokens/s  peak {peak:.0f} MiB"
         if args.peak_tflops:
-            line += f"  MFU {6 * r['params'] * r['tokens'] / r['step_s'] / (args.peak_tflops * 1e12):.1%}"
+            line += f"  MFU {6 * n_params * tokens / step_s / (args.peak_tflops * 1e12):.1%}"
         if name != "sft":
-            time_ratio, mem_ratio = r["step_s"] / sft["step_s"], r["peak_mib"] / sft["peak_mib"]
-            line += (f"  | vs sft: time x{time_ratio:.2f} ({'PASS' if time_ratio <= 1.2 else 'MISS'} <= 1.2), "
+            ratios = sorted(r[name]["step_s"] / r["sft"]["step_s"] for r in rounds)
+            time_ratio = statistics.median(ratios)
+            mem_ratio = statistics.median(r[name]["peak_mib"] / r["sft"]["peak_mib"] for r in rounds)
+            line += (f"  | vs sft: time x{time_ratio:.2f} [{ratios[0]:.2f}-{ratios[-1]:.2f}] "
+                     f"({'PASS' if time_ratio <= 1.2 else 'MISS'} <= 1.2), "
                      f"memory x{mem_ratio:.2f} ({'PASS' if mem_ratio <= 1.1 else 'MISS'} <= 1.1)")
         print(line)
 
