@@ -100,7 +100,7 @@ class TrainParams(Section):
     layers: list[int] | list[float] = Field(min_length=1,
                                             description="HF hidden_states indices (0 = embeddings, l = after "
                                                         "block l-1), or fractions of the depth in (0, 1)")
-    pooling: Literal["last", "mean"]
+    pooling: Literal["last", "mean", "response"]
     normalize: Literal["none", "center", "unit", "standardize"]
     distance: Literal["centroid", "pairwise", "nearest", "probe_margin", "fisher"]
     form: Literal["neg", "hinge", "rel_hinge"]

@@ -17,12 +17,18 @@ from es2.losses.tokens import kl_divergence
 
 
 def pooled(hidden_states, batch: dict, layers: list[int], how: str) -> dict[int, torch.Tensor]:
-    """layer -> [rows, D]: the last prompt token (`last`) or the mean over the user message (`mean`)."""
+    """layer -> [rows, D]: the last prompt token (`last`), the mean over the user message (`mean`), or the mean
+    over the last prompt token and the answer positions before the labelled target (`response`): a trajectory's
+    own tokens and injected span, the states an injection or a prefill leaves the model in. A row with no
+    such prefix pools to its last prompt token."""
     if how == "last":
         rows = torch.arange(len(batch["rep_index"]), device=batch["rep_index"].device)
         return {layer: hidden_states[layer][rows, batch["rep_index"]] for layer in layers}
-    return {layer: pool(hidden_states[layer], batch["attention_mask"], "mean", batch["span_mask"])
-            for layer in layers}
+    mask = batch["span_mask"]
+    if how == "response":
+        columns = torch.arange(batch["labels"].shape[1], device=batch["labels"].device)
+        mask = (columns >= batch["rep_index"][:, None]) & (batch["labels"] == -100)
+    return {layer: pool(hidden_states[layer], batch["attention_mask"], "mean", mask) for layer in layers}
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from es2.config import load_params
+from es2.errors import ConfigError
 from es2.methods import METHODS
 from es2.modeling import load_causal_lm
 from es2.features import collate
@@ -131,12 +132,16 @@ def _train_in_memory(workdir, tmp_path, *overrides):
 SPANS = {"trajectory": "base_model", "es2_trajectory": "target"}
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_moves_every_adapter_weight_and_no_base_weight(workdir, tmp_path, method):
+# every method at its defaults, and the options that change what a method's loss reads
+SETTINGS = [(method, ()) for method in METHODS] + [("es2_trajectory", ("train.pooling=response",))]
+
+
+@pytest.mark.parametrize(("method", "extra"), SETTINGS, ids=[" ".join((m, *e)) for m, e in SETTINGS])
+def test_every_method_moves_every_adapter_weight_and_no_base_weight(workdir, tmp_path, method, extra):
     """TRL's check, in memory: after 3 steps every LoRA matrix (7 modules x 2 blocks x A, B) has moved and every
     base weight (embeddings, norms, projections, head) is bit-identical."""
     trainer, before, names = _train_in_memory(workdir, tmp_path, f"train.method={method}",
-                                              f"train.trajectory_spans={SPANS.get(method, 'target')}")
+                                              f"train.trajectory_spans={SPANS.get(method, 'target')}", *extra)
     after = {name: p.detach() for name, p in trainer.model.named_parameters()}
     trainable = sorted(name for name, p in trainer.model.named_parameters() if p.requires_grad)
     assert len(trainable) == 7 * 2 * 2 and all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -144,6 +149,13 @@ def test_every_method_moves_every_adapter_weight_and_no_base_weight(workdir, tmp
     frozen = [n for n in after if n not in trainable]
     assert sorted(n.removeprefix("base_model.model.").replace(".base_layer", "") for n in frozen) == sorted(names)
     assert [n for n in frozen if not torch.equal(before[n], after[n])] == []
+
+
+def test_response_pooling_without_trajectories_is_refused_with_the_fix(workdir, tmp_path):
+    params = load_params(REPO / "params.yaml", _overrides(workdir, "train.pooling=response"))
+    with pytest.raises(ConfigError, match="train.pooling=response .* train.method es2 trains on none") as found:
+        run_train(params, tmp_path / "train", tmp_path / "no pairs")  # refused before anything is read
+    assert "train.method=es2_trajectory" in found.value.hint
 
 
 def test_full_finetune_moves_every_weight_and_never_the_frozen_copy(workdir, tmp_path):

@@ -210,6 +210,10 @@ def run_train(params: Params, out_dir: str | Path = stage("train").out_dir,
     cfg, out_dir = params.train, Path(out_dir)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    if cfg.pooling == "response" and not METHODS[cfg.method].trajectories:
+        raise ConfigError(f"train.pooling=response pools over trajectories' answer prefixes, and train.method "
+                          f"{cfg.method} trains on none (every row would pool to its last prompt token)",
+                          "use train.method=es2_trajectory with it, or train.pooling=last")
     train_rows = read_pairs(Path(pairs_dir) / "train.jsonl")
     if METHODS[cfg.method].trajectories:
         check_span_source(cfg.trajectory_spans, train_rows)
