@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("study", ROOT / "benchmarks" / "study.py")
 study = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(study)
-GOALS = yaml.safe_load((ROOT / "benchmarks" / "study.yaml").read_text())["goals"]
+SPEC = yaml.safe_load((ROOT / "benchmarks" / "study.yaml").read_text())
+GOALS = SPEC["goals"]
 
 
 def _metrics(**change) -> dict:
@@ -187,3 +188,11 @@ def test_git_keeps_what_the_table_is_rebuilt_from_and_leaves_the_adapters_out():
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *kept, *left], cwd=ROOT, capture_output=True,
                              text=True).stdout.split()
     assert ignored == left
+
+
+
+@pytest.mark.parametrize("variant", sorted(SPEC["variants"]))
+def test_every_variant_of_the_study_loads_under_params_yaml(variant):
+    """A misspelled key or a value params.yaml refuses shows up here, not hours into a study."""
+    record = study.run_record(SPEC["variants"][variant], 0, "quick", 16, None, [])
+    assert record["settings"][-3:] == ["train.seed=0", "evaluate.profile=quick", "evaluate.limit=16"]
