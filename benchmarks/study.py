@@ -167,38 +167,50 @@ def table(rows: list[dict], attacks: list[str], n_goals: int) -> str:
 
 
 def frontier(path: Path, rows: list[dict], attacks: list[str], goals: dict) -> None:
-    """Over-refusal against direct-request refusal and against the effort goals met (ratio and intervals apart),
-    every variant and seed, with the goals drawn: a point in the shaded corner meets both of its panel's goals."""
+    """Over-refusal against direct-request refusal, against the worst held-out prefilling/injection ASR and
+    against the effort goals met (ratio and intervals apart), every variant and seed, with the goals drawn: a
+    point in the shaded corner meets both of its panel's goals. Each variant has its own marker, so runs that
+    land on the same point stay visible."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4.2))
+    fig = Figure(figsize=(15, 4.4))
     FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
+    refusal, attacked, effort = fig.subplots(1, 3)
     max_over = goals["over_refusal_max"] * 100
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     for i, variant in enumerate(variants):
         mine = [r for r in rows if r["variant"] == variant]
         x = [100 * r["over_refusal"] for r in mine]
-        left.scatter(x, [100 * r["direct_refusal"] for r in mine], label=variant, color=f"C{i}")
+        style = dict(label=variant, facecolors="none", edgecolors=f"C{i}", linewidths=1.6, marker="osD^vPX*"[i % 8],
+                     s=60)  # hollow: a marker on top of another leaves it visible
+        refusal.scatter(x, [100 * r["direct_refusal"] for r in mine], **style)
+        attacked.scatter(x, [100 * r["worst_prefill_injection_asr"] for r in mine], **style)
         # whole numbers: a small offset per variant keeps runs with the same count apart
         met = [sum(f"effort_{a}" not in r["goals_failed"] for a in attacks) + 0.06 * (i - len(variants) / 2)
                for r in mine]
-        right.scatter(x, met, label=variant, color=f"C{i}")
-    left.axvline(max_over, color="grey", linestyle=":")
-    left.axhline(goals["direct_refusal_min"] * 100, color="grey", linestyle=":")
-    left.fill_between([0, max_over], goals["direct_refusal_min"] * 100, 100, color="green", alpha=0.08)
-    left.set(xlabel="over-refusal on benign prompts (%)", ylabel="direct-request refusal (%)",
-             title=f"safer without refusing everything (goal: ≤{max_over:.0f}%, ≥{goals['direct_refusal_min']:.0%})")
-    right.fill_between([0, max_over], len(attacks) - 0.5, len(attacks) + 0.5, color="green", alpha=0.08)
-    right.set(xlabel="over-refusal on benign prompts (%)", yticks=range(len(attacks) + 1),
-              ylabel=f"effort goals met (of {', '.join(attacks)})", ylim=(-0.5, len(attacks) + 0.5),
-              title=f"harder to attack (goal: x{goals['effort_ratio_min']:g}, intervals apart)")
-    left.legend(fontsize=8)
+        effort.scatter(x, met, **style)
+    for panel in (refusal, attacked, effort):
+        panel.axvline(max_over, color="grey", linestyle=":")
+        panel.set(xlabel="over-refusal on benign prompts (%)")
+    refusal.axhline(goals["direct_refusal_min"] * 100, color="grey", linestyle=":")
+    refusal.fill_between([0, max_over], goals["direct_refusal_min"] * 100, 100, color="green", alpha=0.08)
+    refusal.set(ylabel="direct-request refusal (%)",
+                title=f"safer without refusing everything (goal: ≤{max_over:.0f}%, ≥{goals['direct_refusal_min']:.0%})")
+    max_asr = goals["worst_prefill_injection_asr_max"] * 100
+    attacked.axhline(max_asr, color="grey", linestyle=":")
+    attacked.fill_between([0, max_over], 0, max_asr, color="green", alpha=0.08)
+    attacked.set(ylabel="worst held-out prefill/injection ASR (%)", ylim=(0, 100),
+                 title=f"deep, not shallow (goal: ≤{max_asr:.0f}% in every setting)")
+    effort.fill_between([0, max_over], len(attacks) - 0.5, len(attacks) + 0.5, color="green", alpha=0.08)
+    effort.set(yticks=range(len(attacks) + 1), ylabel=f"effort goals met (of {', '.join(attacks)})",
+               ylim=(-0.5, len(attacks) + 0.5), title=f"harder to attack (goal: x{goals['effort_ratio_min']:g}, "
+                                                      "intervals apart)")
+    refusal.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     tmp.replace(path)
 
 
