@@ -182,8 +182,9 @@ def frontier(path: Path, rows: list[dict], attacks: list[str], goals: dict) -> N
     for i, variant in enumerate(variants):
         mine = [r for r in rows if r["variant"] == variant]
         x = [100 * r["over_refusal"] for r in mine]
-        style = dict(label=variant, facecolors="none", edgecolors=f"C{i}", linewidths=1.6, marker="osD^vPX*"[i % 8],
-                     s=60)  # hollow: a marker on top of another leaves it visible
+        # hollow: a marker drawn on top of another leaves it visible
+        style = dict(label=variant, facecolors="none", edgecolors=f"C{i}", linewidths=1.6, s=60,
+                     marker="osD^vPX*"[i % 8])
         refusal.scatter(x, [100 * r["direct_refusal"] for r in mine], **style)
         attacked.scatter(x, [100 * r["worst_prefill_injection_asr"] for r in mine], **style)
         # whole numbers: a small offset per variant keeps runs with the same count apart
@@ -195,8 +196,9 @@ def frontier(path: Path, rows: list[dict], attacks: list[str], goals: dict) -> N
         panel.set(xlabel="over-refusal on benign prompts (%)")
     refusal.axhline(goals["direct_refusal_min"] * 100, color="grey", linestyle=":")
     refusal.fill_between([0, max_over], goals["direct_refusal_min"] * 100, 100, color="green", alpha=0.08)
+    min_refusal = goals["direct_refusal_min"]
     refusal.set(ylabel="direct-request refusal (%)",
-                title=f"safer without refusing everything (goal: ≤{max_over:.0f}%, ≥{goals['direct_refusal_min']:.0%})")
+                title=f"safer without refusing everything (goal: ≤{max_over:.0f}%, ≥{min_refusal:.0%})")
     max_asr = goals["worst_prefill_injection_asr_max"] * 100
     attacked.axhline(max_asr, color="grey", linestyle=":")
     attacked.fill_between([0, max_over], 0, max_asr, color="green", alpha=0.08)
@@ -204,8 +206,8 @@ def frontier(path: Path, rows: list[dict], attacks: list[str], goals: dict) -> N
                  title=f"deep, not shallow (goal: ≤{max_asr:.0f}% in every setting)")
     effort.fill_between([0, max_over], len(attacks) - 0.5, len(attacks) + 0.5, color="green", alpha=0.08)
     effort.set(yticks=range(len(attacks) + 1), ylabel=f"effort goals met (of {', '.join(attacks)})",
-               ylim=(-0.5, len(attacks) + 0.5), title=f"harder to attack (goal: x{goals['effort_ratio_min']:g}, "
-                                                      "intervals apart)")
+               ylim=(-0.5, len(attacks) + 0.5),
+               title=f"harder to attack (goal: x{goals['effort_ratio_min']:g}, intervals apart)")
     refusal.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

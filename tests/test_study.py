@@ -190,7 +190,6 @@ def test_git_keeps_what_the_table_is_rebuilt_from_and_leaves_the_adapters_out():
     assert ignored == left
 
 
-
 @pytest.mark.parametrize("variant", sorted(SPEC["variants"]))
 def test_every_variant_of_the_study_loads_under_params_yaml(variant):
     """A misspelled key or a value params.yaml refuses shows up here, not hours into a study."""
