@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from es2.attacks.hooks import hidden_states_at
 from es2.features import collate, lm_inputs
 from es2.losses.distances import centroid_distance
 from es2.losses.representations import pool
@@ -42,11 +43,15 @@ def states_and_kl(model, features: list[dict], layers: list[int], pooling: str, 
     for start in range(0, len(features), batch_size):
         batch = collate(features[start:start + batch_size], pad_token_id)
         n = batch["input_ids"].shape[0] // 2
-        out = model(**lm_inputs(batch), output_hidden_states=True)
-        for layer, reps in pooled(out.hidden_states, batch, layers, pooling).items():
+        if reference is None:  # states alone: the forward stops at the deepest layer
+            out, hidden = None, hidden_states_at(model, lm_inputs(batch), layers)
+        else:
+            out = model(**lm_inputs(batch), output_hidden_states=True)
+            hidden = out.hidden_states
+        for layer, reps in pooled(hidden, batch, layers, pooling).items():
             harmful[layer].append(reps[:n].float())
             harmless[layer].append(reps[n:].float())
-        if reference is not None:
+        if out is not None:
             with reference() as ref_model:
                 ref_logits = ref_model(**lm_inputs(batch, slice(n, None))).logits
             total, count = kl_divergence(out.logits[n:], ref_logits, batch["prompt_mask"][n:], reduction="sum")

@@ -73,10 +73,11 @@ def cache_path(parts: dict) -> Path:
 
 
 def base_model_spans(prompts: list[str], model_id: dict, tokens: int, load: Callable[[], tuple],
-                     batch_size: int = 16) -> list[str]:
+                     batch_size: int = 16, what: str = "held-out spans") -> list[str]:
     """The base model's greedy answers (`tokens` new tokens) to `prompts`, from the cache when the same model
     (`model_id`: es2.trajectories.model_identity), prompts and length were seen before; else generated with
-    `load()` -> (model, tokenizer) and stored atomically."""
+    `load()` -> (model, tokenizer) and stored atomically. `what` names them in the message (the evaluation
+    also caches the shipped model's answers to the benign prompts here)."""
     from es2.generation import generate
     from es2.io import write_json
 
@@ -84,7 +85,7 @@ def base_model_spans(prompts: list[str], model_id: dict, tokens: int, load: Call
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))["spans"]
     model, tokenizer = load()
-    print(f"  held-out spans: the base model's own answers to {len(prompts)} prompts (cached after this run)",
+    print(f"  {what}: the base model's own answers to {len(prompts)} prompts (cached after this run)",
           flush=True)
     spans = generate(model, tokenizer, list(prompts), tokens, batch_size)
     write_json(path, {"model": model_id.get("name_or_path"), "tokens": tokens, "spans": spans})

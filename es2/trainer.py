@@ -9,8 +9,9 @@ Distributed runs and checkpoint/resume come from the Trainer and accelerate. Inv
   gathered, token sums added), so N processes with B/N pairs equal 1 process with B;
 - gradient accumulation happens inside `ES2Trainer.training_step`, exact even for batch statistics;
 - reference representations (for rel_hinge and the calibration) are fixed, so they are computed once before
-  training (`precompute_reference`) instead of in every step; the per-step reference pass only produces the
-  harmless logits for the KL term (or the full states, for circuit breakers).
+  training (`precompute_reference`, a forward that stops at the deepest separated layer) instead of in every
+  step; the per-step reference pass only produces the harmless logits for the KL term (or the full states, for
+  circuit breakers).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainingArguments
 
 from es2.ablation import ablating
+from es2.attacks.hooks import hidden_states_at
 from es2.features import collate, lm_inputs
 from es2.geometry import pooled
 from es2.losses.circuit_breakers import circuit_breaker_loss
@@ -62,8 +64,8 @@ def precompute_reference(model, features: list[dict], layers: list[int], pooling
     for start in tqdm(range(0, len(features), batch_size), desc="reference states", leave=False):
         chunk = features[start:start + batch_size]
         batch = collate(chunk, pad_token_id)
-        out = model(**lm_inputs(batch), output_hidden_states=True)
-        reps = torch.stack(list(pooled(out.hidden_states, batch, layers, pooling).values()), dim=1).float()
+        states = hidden_states_at(model, lm_inputs(batch), layers)  # stops at the deepest layer: no logits
+        reps = torch.stack(list(pooled(states, batch, layers, pooling).values()), dim=1).float()
         for i, feature in enumerate(chunk):
             feature["harmful"]["ref_reps"] = reps[i]
             feature["harmless"]["ref_reps"] = reps[len(chunk) + i]

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from es2.attacks import AttackResult
-from es2.attacks.hooks import all_layers, hooked, last_token_states, layer_modules
+from es2.attacks.hooks import all_layers, hidden_states_at, hooked, last_token_states, layer_modules
 from es2.attacks.representation import (
     Probe, attacked_layers, fit_probes, repe, repe_direction, repe_effort, scav, scav_hooks, scav_shift, steering_band,
 )
+from es2.features import left_pad
 from es2.generation import chat_prompts, generate
 from es2.modeling import load_causal_lm
 
@@ -101,6 +102,31 @@ def test_layer_convention_matches_hidden_states(lm):
     alone = last_token_states(model, tok, PROMPTS[2:3], [1, n], batch_size=1)
     assert states[1].shape == (len(PROMPTS), model.config.hidden_size)
     assert torch.allclose(states[n][2], alone[n][0], atol=1e-5)  # padding does not change a row's state
+
+
+@pytest.mark.parametrize("layers", [[0], [1], [1, 0], [2, 1]])  # 2 = the tiny model's final-norm output
+def test_hidden_states_at_equals_the_full_forward_and_runs_nothing_above_the_deepest_layer(lm, layers):
+    model, tok = lm
+    ids = tok(["hello there", "a longer prompt here"], add_special_tokens=False)["input_ids"]
+    input_ids, mask, positions = left_pad(ids, tok.pad_token_id)
+    inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+    with torch.no_grad():
+        full = model(**inputs, output_hidden_states=True).hidden_states
+    before = _hooks(model)  # transformers' own output-capturing hooks, installed by the forward above
+    calls = []
+    watched = {"lm_head": model.get_output_embeddings(), **{f"block{i}": b for i, b in enumerate(model.model.layers)}}
+    handles = [m.register_forward_hook(lambda *_, name=name: calls.append(name)) for name, m in watched.items()]
+    try:
+        with torch.no_grad():
+            states = hidden_states_at(model, inputs, layers)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert list(states) == layers
+    for layer in layers:
+        assert torch.equal(states[layer], full[layer]), layer
+    assert calls == [f"block{i}" for i in range(max(layers))]  # layer l is block l-1's output; never the head
+    assert _hooks(model) == before
 
 
 def test_scav_on_tiny_model_counts_effort_and_cleans_up(lm):

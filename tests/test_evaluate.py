@@ -47,6 +47,7 @@ def _prompts(tmp_path):
 
 def test_evaluate_writes_metrics_examples_plots_and_a_report(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no artifacts/pairs here: probes are fitted on the evaluation prompts
+    monkeypatch.setenv("ES2_CACHE", str(tmp_path / "cache"))
     paths = _prompts(tmp_path)
     params = load_params(REPO / "params.yaml", (*BUDGET, f"model.name_or_path={tiny_model_dir}"))
     metrics = run_evaluate(params, tmp_path / "out", str(tiny_model_dir), str(tiny_model_dir),
@@ -60,6 +61,8 @@ def test_evaluate_writes_metrics_examples_plots_and_a_report(tiny_model_dir, tmp
         key = key if "/" in key else f"capability/{key}"
         assert metrics[key] == pytest.approx(0.0, abs=1e-6), key  # the same model on every side
     assert metrics["capability/greedy_agreement"] == pytest.approx(1.0)
+    cached = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "spans").glob("*.json")]
+    assert [len(c["spans"]) for c in cached] == [4]  # the shipped model's answers to the 4 benign prompts
     # teacher-forced on re-tokenized text: the random tiny model's byte tokens do not survive decode + encode
     assert 0 < metrics["capability/answer_agreement"] <= 1
     assert 0 <= metrics["capability/mc_accuracy"] <= 1 and metrics["capability/mc_n"] >= 200

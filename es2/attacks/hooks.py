@@ -88,6 +88,42 @@ def hooked(model, edits: dict[int, Callable[[torch.Tensor], torch.Tensor]]):
             handle.remove()
 
 
+class _Reached(Exception):
+    """Raised by the hook on the deepest wanted layer, so nothing above it runs."""
+
+
+def hidden_states_at(model, inputs: dict, layers) -> dict[int, torch.Tensor]:
+    """layer -> hidden_states[layer] [B, T, D] of `model(**inputs)`, without the rest of the forward.
+
+    The forward stops at the deepest of `layers`: the decoder blocks above it and the LM head never run (the
+    head's [B, T, vocab] logits cost more than a third of a 135M model's forward and are not read here). The
+    states are the ones `output_hidden_states=True` returns (same modules, same convention as `hooked`).
+    """
+    modules = layer_modules(model, layers)
+    found: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def capture(layer):
+        def hook(_module, _args, output):
+            found[layer] = output[0] if isinstance(output, tuple) else output
+            if len(found) == len(modules):
+                raise _Reached
+
+        return hook
+
+    try:
+        for layer, module in modules.items():
+            handles.append(module.register_forward_hook(capture(layer)))
+        try:
+            model(**inputs, use_cache=False)
+        except _Reached:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {int(layer): found[int(layer)] for layer in layers}
+
+
 def _encode(tokenizer, prompts: list[str], system: str | None) -> list[list[int]]:
     """Token ids exactly as `es2.generation.generate` feeds them (chat template, no added special tokens)."""
     return tokenizer(chat_prompts(tokenizer, prompts, system), add_special_tokens=False)["input_ids"]
@@ -116,9 +152,8 @@ def states_at_last_token(model, tokenizer, ids: list[list[int]], layers, batch_s
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
             input_ids, mask, position_ids = left_pad([ids[i] for i in index], pad)
-            hidden = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                           position_ids=position_ids.to(device), use_cache=False,
-                           output_hidden_states=True).hidden_states
+            hidden = hidden_states_at(model, {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+                                              "position_ids": position_ids.to(device)}, layers)
             for layer in layers:
                 states = hidden[layer][:, -1].float().cpu()
                 for row, i in enumerate(index):

@@ -233,7 +233,8 @@ def _answer_capability(params: Params, loaded: dict, baseline_answers: list[str]
     model's (model.name_or_path, before any training) own answers, KL(shipped || model) for the model and the
     baseline (`kl_to_shipped`: what the whole recipe, warm start included, cost)."""
     from es2.capability import answer_kl
-    from es2.generation import generate
+    from es2.spans import base_model_spans
+    from es2.trajectories import model_identity
 
     (model, tokenizer), (baseline, _) = loaded["model"], loaded["baseline"]
     out = {}
@@ -244,8 +245,10 @@ def _answer_capability(params: Params, loaded: dict, baseline_answers: list[str]
         print(f"  capability/kl_to_shipped skipped: {params.model.name_or_path} has another tokenizer than the "
               "evaluated model", flush=True)
         return out
-    shipped_answers = generate(shipped, tokenizer, prompts, max_new_tokens=params.evaluate.max_new_tokens,
-                               batch_size=batch_size, progress=False)
+    # the shipped model's answers depend on nothing trained: cached by content, like the held-out spans
+    shipped_answers = base_model_spans(prompts, model_identity(params.model.name_or_path, params.model.revision),
+                                       params.evaluate.max_new_tokens, lambda: (shipped, tokenizer), batch_size,
+                                       what="shipped answers")
     for prefix, evaluated in (("", model), ("baseline/", baseline)):
         found = answer_kl(evaluated, shipped, tokenizer, prompts, shipped_answers, batch_size)
         out[f"{prefix}capability/kl_to_shipped"] = found["kl"]
