@@ -2,7 +2,8 @@
 
 No figure is typed into the README by hand: the block between RESULTS_START and RESULTS_END is rendered from
 `headline.json` and `metrics.json` of an `es2 evaluate` output folder (by default the DVC stage's
-`artifacts/evaluate`), and names the judges, span source, perturbation grid and n behind every figure.
+`artifacts/evaluate`, whose neighbours `align` and `train` add their wall time), and names the judges, span
+source, perturbation grid and n behind every figure.
 """
 
 from __future__ import annotations
@@ -70,10 +71,11 @@ def _judge_lines(metrics: dict, judges: list[str]) -> list[str]:
 
 
 def _timing_lines(metrics: dict, eval_dir: Path) -> list[str]:
-    """Wall time behind the figures: `align` and `train` when their outputs lie beside the evaluation folder (as
-    in the pipeline's artifacts/), then the evaluation of each role."""
+    """Wall time behind the figures as each stage recorded it: `align` and `train` when the folder is the
+    pipeline's own evaluation (their outputs beside it made the model it evaluated), then each role's evaluation."""
     shown = []
-    for name in ("align", "train"):
+    pipeline = eval_dir.name == Path(stage("evaluate").out_dir).name
+    for name in ("align", "train") if pipeline else ():
         path = eval_dir.parent / Path(stage(name).out_dir).name / "metrics.json"
         seconds = json.loads(path.read_text(encoding="utf-8")).get("wall_seconds") if path.exists() else None
         if seconds:
@@ -81,7 +83,7 @@ def _timing_lines(metrics: dict, eval_dir: Path) -> list[str]:
     seconds = [(role, metrics.get(f"{role}seconds")) for role in ("", "baseline/")]
     shown += [f"evaluation of the {role.rstrip('/') or 'model'} {value / 60:.1f} min" for role, value in seconds
               if value]
-    return ["", "Wall time on this machine: " + ", ".join(shown) + "."] if shown else []
+    return ["", "Wall time as recorded: " + ", ".join(shown) + "."] if shown else []
 
 
 def render(eval_dir: Path) -> str:
@@ -106,7 +108,8 @@ def _results(eval_dir: Path) -> str:
         p = "–" if row["pvalue"] is None else f"{row['pvalue']:.3g}"
         lines.append(f"| {row['label']} | {_cell(row, 'model')} | {_cell(row, 'baseline')} | {_diff(row)} | {p} | "
                      f"{row['n']} | {row['attack'] or ''} |")
-    lines += _effort_lines(context) + _judge_lines(metrics, context.get("judges", [])) + _timing_lines(metrics, eval_dir)
+    lines += (_effort_lines(context) + _judge_lines(metrics, context.get("judges", []))
+              + _timing_lines(metrics, eval_dir))
     trained = sorted(k.split("/")[1] for k in metrics if k.startswith("asr/trained_")
                      and k.endswith(f"/{context.get('judge', 'semantic')}"))
     lines += ["", f"Judge: `{context.get('judge')}` (all judges run: {', '.join(context.get('judges', []))}); "
