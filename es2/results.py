@@ -2,7 +2,8 @@
 
 No figure is typed into the README by hand: the block between RESULTS_START and RESULTS_END is rendered from
 `headline.json` and `metrics.json` of an `es2 evaluate` output folder (by default the DVC stage's
-`artifacts/evaluate`), and names the judges, span source, perturbation grid and n behind every figure.
+`artifacts/evaluate`, whose neighbours `align` and `train` add their wall time), and names the judges, span
+source, perturbation grid and n behind every figure.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from es2.errors import DataError
 from es2.io import write_text
+from es2.pipeline import stage
 
 RESULTS_START = "<!-- results:start (es2 results --readme README.md regenerates this block) -->"
 RESULTS_END = "<!-- results:end -->"
@@ -68,10 +70,20 @@ def _judge_lines(metrics: dict, judges: list[str]) -> list[str]:
     return ["", "The same figures under every judge (model / baseline): " + "; ".join(cells) + "."] if cells else []
 
 
-def _timing_lines(metrics: dict) -> list[str]:
+def _timing_lines(metrics: dict, eval_dir: Path) -> list[str]:
+    """Wall time behind the figures as each stage recorded it: `align` and `train` when the folder is the
+    pipeline's own evaluation (their outputs beside it made the model it evaluated), then each role's evaluation."""
+    shown = []
+    pipeline = eval_dir.name == Path(stage("evaluate").out_dir).name
+    for name in ("align", "train") if pipeline else ():
+        path = eval_dir.parent / Path(stage(name).out_dir).name / "metrics.json"
+        seconds = json.loads(path.read_text(encoding="utf-8")).get("wall_seconds") if path.exists() else None
+        if seconds:
+            shown.append(f"{name} {seconds / 60:.1f} min")
     seconds = [(role, metrics.get(f"{role}seconds")) for role in ("", "baseline/")]
-    shown = [f"{role.rstrip('/') or 'model'} {value / 60:.1f} min" for role, value in seconds if value]
-    return ["", "Evaluation time per model on this machine: " + ", ".join(shown) + "."] if shown else []
+    shown += [f"evaluation of the {role.rstrip('/') or 'model'} {value / 60:.1f} min" for role, value in seconds
+              if value]
+    return ["", "Wall time as recorded: " + ", ".join(shown) + "."] if shown else []
 
 
 def render(eval_dir: Path) -> str:
@@ -96,7 +108,8 @@ def _results(eval_dir: Path) -> str:
         p = "–" if row["pvalue"] is None else f"{row['pvalue']:.3g}"
         lines.append(f"| {row['label']} | {_cell(row, 'model')} | {_cell(row, 'baseline')} | {_diff(row)} | {p} | "
                      f"{row['n']} | {row['attack'] or ''} |")
-    lines += _effort_lines(context) + _judge_lines(metrics, context.get("judges", [])) + _timing_lines(metrics)
+    lines += (_effort_lines(context) + _judge_lines(metrics, context.get("judges", []))
+              + _timing_lines(metrics, eval_dir))
     trained = sorted(k.split("/")[1] for k in metrics if k.startswith("asr/trained_")
                      and k.endswith(f"/{context.get('judge', 'semantic')}"))
     lines += ["", f"Judge: `{context.get('judge')}` (all judges run: {', '.join(context.get('judges', []))}); "

@@ -114,7 +114,8 @@ def test_hidden_states_at_equals_the_full_forward_and_runs_nothing_above_the_dee
         full = model(**inputs, output_hidden_states=True).hidden_states
     before = _hooks(model)  # transformers' own output-capturing hooks, installed by the forward above
     calls = []
-    watched = {"lm_head": model.get_output_embeddings(), **{f"block{i}": b for i, b in enumerate(model.model.layers)}}
+    watched = {"lm_head": model.get_output_embeddings(),
+               **{f"block{i}": block for i, block in enumerate(model.model.layers)}}
     handles = [m.register_forward_hook(lambda *_, name=name: calls.append(name)) for name, m in watched.items()]
     try:
         with torch.no_grad():
@@ -127,6 +128,9 @@ def test_hidden_states_at_equals_the_full_forward_and_runs_nothing_above_the_dee
         assert torch.equal(states[layer], full[layer]), layer
     assert calls == [f"block{i}" for i in range(max(layers))]  # layer l is block l-1's output; never the head
     assert _hooks(model) == before
+    with torch.no_grad():  # the stopped forward left nothing behind: the next full forward is unchanged
+        again = model(**inputs, output_hidden_states=True).hidden_states
+    assert all(torch.equal(a, b) for a, b in zip(again, full))
 
 
 def test_scav_on_tiny_model_counts_effort_and_cleans_up(lm):
@@ -217,7 +221,8 @@ def test_repe_changes_generations_and_leaves_no_hooks(lm):
     d = model.config.hidden_size
     direction = torch.randn(d, generator=torch.Generator().manual_seed(2))
     direction = direction / direction.norm()
-    last_token_states(model, tok, PROMPTS[:1], [1])  # installs transformers' own capturing hooks, once
+    with torch.no_grad():  # installs transformers' own capturing hooks, once
+        model(**tok(PROMPTS[:1], return_tensors="pt"), output_hidden_states=True)
     snapshot = _hooks(model)
     results = repe(model, tok, PROMPTS, {1: direction}, coefficients=(0, 100), max_new_tokens=6, batch_size=4)
     assert [r.x for r in results] == [0.0, 100.0] and [r.name for r in results] == ["repe_c0", "repe_c100"]

@@ -14,6 +14,7 @@ EFFORTS = effort_rows({"scav": {"budgets": [0.5, None, 1.0], "high": 4.0, "unit"
 
 
 def _eval_dir(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
     row = {"figure": "direct_asr", "label": "harmful requests answered (direct ASR)", "lower_is_better": True,
            "model": 0.0, "baseline": 0.25, "n": 24, "diff": -0.25, "ci_low": -0.45, "ci_high": -0.05,
            "pvalue": 0.031, "attack": None}
@@ -31,7 +32,17 @@ def test_the_block_holds_the_headline_the_effort_certificate_profile_and_time(tm
     assert block.startswith(RESULTS_START) and block.endswith(RESULTS_END)
     assert "| harmful requests answered (direct ASR) | 0% | 25% | -25 pts [-45, -5] | 0.031 | 24 |" in block
     assert "| SCAV | 1 [0.5, >4] | 0.1 [0, 0.2] | x10 |" in block  # one of three never broken: censored at 4
-    assert "attack profile `standard`" in block and "model 10.0 min, baseline 9.0 min" in block
+    assert "attack profile `standard`" in block
+    assert "Wall time as recorded: evaluation of the model 10.0 min, evaluation of the baseline 9.0 min." in block
+
+
+def test_the_pipelines_align_and_train_time_comes_first_and_only_for_its_own_evaluation(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "metrics.json").write_text(json.dumps({"wall_seconds": 480.0}))
+    block = render(_eval_dir(tmp_path / "evaluate"))  # no align folder: not named
+    assert "Wall time as recorded: train 8.0 min, evaluation of the model 10.0 min," in block
+    other = render(_eval_dir(tmp_path / "registered_model_eval"))  # another model's evaluation beside them
+    assert "Wall time as recorded: evaluation of the model 10.0 min," in other and "train 8.0" not in other
 
 
 def test_the_judge_decided_figures_are_shown_under_every_judge(tmp_path):

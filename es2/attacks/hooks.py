@@ -1,4 +1,5 @@
-"""Hidden states and forward hooks: the plumbing the representation attacks (SCAV, RepE) and es2.depth share.
+"""Hidden states and forward hooks: the plumbing the representation attacks (SCAV, RepE), es2.depth and the
+trainer's reference states share.
 
 Layer convention (one for fitting and attacking, avoiding SCAV's released off-by-one): a layer is an HF
 `hidden_states` index. 0 = the input embeddings (hooked on `get_input_embeddings()`), l in 1..L-1 = the output
@@ -6,7 +7,7 @@ of decoder block l-1, L = the final-norm output (`hidden_states[L]` is taken aft
 models). `layer_modules` maps indices to those modules; a test checks the hooked outputs equal
 `hidden_states`.
 
-Hooks live only inside the `hooked` context manager and are removed in its `finally`, also on exceptions.
+Hooks live only inside `hooked` and `hidden_states_at` and are removed in a `finally`, also on exceptions.
 (transformers >= 5 itself installs permanent output-capturing hooks on the first `output_hidden_states=True`
 forward; those are not ours and are left alone.)
 """
@@ -96,24 +97,31 @@ def hidden_states_at(model, inputs: dict, layers) -> dict[int, torch.Tensor]:
     """layer -> hidden_states[layer] [B, T, D] of `model(**inputs)`, without the rest of the forward.
 
     The forward stops at the deepest of `layers`: the decoder blocks above it and the LM head never run (the
-    head's [B, T, vocab] logits cost more than a third of a 135M model's forward and are not read here). The
-    states are the ones `output_hidden_states=True` returns (same modules, same convention as `hooked`).
+    head's [B, T, vocab] logits are about a fifth of a 135M model's forward and are not read here). The states
+    are exactly those `output_hidden_states=True` returns; layer 0 is read where transformers reads it, as the
+    first decoder block's input (after any position embeddings, unlike `hooked`'s embedding output).
+    Call it on an unwrapped model (no DDP/FSDP wrapper, whose post-forward step the early stop would skip).
     """
-    modules = layer_modules(model, layers)
+    wanted = {int(layer) for layer in layers}
     found: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int, state: torch.Tensor) -> None:
+        found[layer] = state
+        if len(found) == len(wanted):
+            raise _Reached
+
+    def block_input(_module, args, kwargs):
+        keep(0, args[0] if args else kwargs["hidden_states"])
+
+    def output_of(layer):
+        return lambda _module, _args, output: keep(layer, output[0] if isinstance(output, tuple) else output)
+
     handles = []
-
-    def capture(layer):
-        def hook(_module, _args, output):
-            found[layer] = output[0] if isinstance(output, tuple) else output
-            if len(found) == len(modules):
-                raise _Reached
-
-        return hook
-
     try:
-        for layer, module in modules.items():
-            handles.append(module.register_forward_hook(capture(layer)))
+        if 0 in wanted:
+            handles.append(_decoder_blocks(model)[1][0].register_forward_pre_hook(block_input, with_kwargs=True))
+        for layer, module in layer_modules(model, sorted(wanted - {0})).items():
+            handles.append(module.register_forward_hook(output_of(layer)))
         try:
             model(**inputs, use_cache=False)
         except _Reached:

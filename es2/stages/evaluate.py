@@ -245,10 +245,12 @@ def _answer_capability(params: Params, loaded: dict, baseline_answers: list[str]
         print(f"  capability/kl_to_shipped skipped: {params.model.name_or_path} has another tokenizer than the "
               "evaluated model", flush=True)
         return out
-    # the shipped model's answers depend on nothing trained: cached by content, like the held-out spans
-    shipped_answers = base_model_spans(prompts, model_identity(params.model.name_or_path, params.model.revision),
-                                       params.evaluate.max_new_tokens, lambda: (shipped, tokenizer), batch_size,
-                                       what="shipped answers")
+    # cached by content like the held-out spans: they depend on the shipped weights, the prompts as the evaluated
+    # tokenizer's chat template renders them, the dtype and the length, never on what was trained
+    shipped_id = {**model_identity(params.model.name_or_path, params.model.revision),
+                  "chat_template": tokenizer.chat_template, "dtype": params.model.dtype}
+    shipped_answers = base_model_spans(prompts, shipped_id, params.evaluate.max_new_tokens,
+                                       lambda: (shipped, tokenizer), batch_size, what="shipped answers")
     for prefix, evaluated in (("", model), ("baseline/", baseline)):
         found = answer_kl(evaluated, shipped, tokenizer, prompts, shipped_answers, batch_size)
         out[f"{prefix}capability/kl_to_shipped"] = found["kl"]
