@@ -77,12 +77,12 @@ def _timing_lines(metrics: dict, eval_dir: Path) -> list[str]:
     pipeline = eval_dir.name == Path(stage("evaluate").out_dir).name
     for name in ("align", "train") if pipeline else ():
         path = eval_dir.parent / Path(stage(name).out_dir).name / "metrics.json"
-        seconds = json.loads(path.read_text(encoding="utf-8")).get("wall_seconds") if path.exists() else None
-        if seconds:
-            shown.append(f"{name} {seconds / 60:.1f} min")
-    seconds = [(role, metrics.get(f"{role}seconds")) for role in ("", "baseline/")]
-    shown += [f"evaluation of the {role.rstrip('/') or 'model'} {value / 60:.1f} min" for role, value in seconds
-              if value]
+        wall = json.loads(path.read_text(encoding="utf-8")).get("wall_seconds") if path.exists() else None
+        if wall:
+            shown.append(f"{name} {wall / 60:.1f} min")
+    for role in ("", "baseline/"):
+        if metrics.get(f"{role}seconds"):
+            shown.append(f"evaluation of the {role.rstrip('/') or 'model'} {metrics[f'{role}seconds'] / 60:.1f} min")
     return ["", "Wall time as recorded: " + ", ".join(shown) + "."] if shown else []
 
 
