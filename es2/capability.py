@@ -9,7 +9,7 @@ ids (cumulative attention mask), so a padded row gives the same numbers as the r
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -134,41 +134,54 @@ def answer_kl(model, reference, tokenizer, prompts: list[str], answers: list, ba
     ``{"kl_per_prompt", "agreement_per_prompt"}`` (each answer's token mean, in the order given, NaN for an
     empty answer: the paired outcomes for comparing two models) and ``"tokens"`` (answer tokens per prompt).
     """
+    return answer_kls({"model": model}, reference, tokenizer, prompts, answers, batch_size, system)["model"]
+
+
+def answer_kls(models: dict, reference, tokenizer, prompts: list[str], answers: list, batch_size: int = 8,
+               system: str | None = None) -> dict[str, dict]:
+    """``answer_kl`` of several models against one reference, {name: result} for `models` {name: module}: the
+    reference's logits are computed once per batch for all of them."""
     if len(answers) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     if not prompts:
-        return {"kl": float("nan"), "agreement": float("nan"), "kl_per_prompt": [],
-                "agreement_per_prompt": [], "tokens": []}
+        return {name: {"kl": float("nan"), "agreement": float("nan"), "kl_per_prompt": [],
+                       "agreement_per_prompt": [], "tokens": []} for name in models}
     rendered = chat_prompts(tokenizer, list(prompts), system)
     prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     answer_ids = [_tokens(answer, tokenizer) for answer in answers]
     sequences = [p + a for p, a in zip(prompt_ids, answer_ids)]
-    kl, agree = [float("nan")] * len(prompts), [float("nan")] * len(prompts)
+    kl = {name: [float("nan")] * len(prompts) for name in models}
+    agree = {name: [float("nan")] * len(prompts) for name in models}
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    with _eval_mode(model), torch.inference_mode():
+    with ExitStack() as stack, torch.inference_mode():
+        for model in models.values():
+            stack.enter_context(_eval_mode(model))
         for start in range(0, len(order), batch_size):
             index = order[start:start + batch_size]
             width = max(len(answer_ids[i]) for i in index)
             if width == 0:
                 continue
             ids, mask, positions = left_pad([sequences[i] for i in index], pad_id_of(tokenizer))
-            logits = _answer_logits(model, ids, mask, positions, width)
             with _reference(reference) as ref_model, _eval_mode(ref_model):
-                ref_logits = _answer_logits(ref_model, ids, mask, positions, width).to(logits.device)
-            targets = ids[:, -width:].to(logits.device)
-            for row, i in enumerate(index):  # left padding: every row's answer ends at the last position
-                n = len(answer_ids[i])
-                if n:
-                    kl[i] = float(kl_divergence(logits[row, -n:], ref_logits[row, -n:]))
-                    agree[i] = float((logits[row, -n:].argmax(-1) == targets[row, -n:]).float().mean())
+                ref_logits = _answer_logits(ref_model, ids, mask, positions, width)
+            for name, model in models.items():
+                logits = _answer_logits(model, ids, mask, positions, width)
+                ref = ref_logits.to(logits.device)
+                targets = ids[:, -width:].to(logits.device)
+                for row, i in enumerate(index):  # left padding: every row's answer ends at the last position
+                    n = len(answer_ids[i])
+                    if n:
+                        kl[name][i] = float(kl_divergence(logits[row, -n:], ref[row, -n:]))
+                        hits = logits[row, -n:].argmax(-1) == targets[row, -n:]
+                        agree[name][i] = float(hits.float().mean())
     tokens = [len(a) for a in answer_ids]
     total = sum(tokens)
 
     def weighted(values: list[float]) -> float:
         return sum(v * n for v, n in zip(values, tokens) if n) / total if total else float("nan")
 
-    return {"kl": weighted(kl), "agreement": weighted(agree), "kl_per_prompt": kl,
-            "agreement_per_prompt": agree, "tokens": tokens}
+    return {name: {"kl": weighted(kl[name]), "agreement": weighted(agree[name]), "kl_per_prompt": kl[name],
+                   "agreement_per_prompt": agree[name], "tokens": tokens} for name in models}
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -51,7 +51,22 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
              prefill: list[str] | None = None, progress: bool = True, system: str | None = None,
              chat: bool = True, around_batch: Callable[[list[int]], AbstractContextManager] | None = None
              ) -> list[str]:
-    """Greedy continuations of `prompts`, one string each, in the order given.
+    """Greedy continuations of `prompts`, one string each, in the order given: `generate_ids` decoded with
+    special tokens (EOS, padding) dropped."""
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, prefill, progress, system, chat,
+                       around_batch)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
+
+
+def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
+                 prefill: list[str] | None = None, progress: bool = True, system: str | None = None,
+                 chat: bool = True, around_batch: Callable[[list[int]], AbstractContextManager] | None = None
+                 ) -> list[list[int]]:
+    """The new token ids of greedy continuations of `prompts`, one list each, in the order given, as the model
+    wrote them (a row that stopped before its batch did is padded with the pad id after its EOS).
+
+    Greedy decoding never looks ahead, so the first s ids of a continuation are exactly what the same call
+    with `max_new_tokens=s` writes: one long call can stand for several shorter ones on the same prompts.
 
     prefill: one string per prompt, appended after the generation prompt as if the assistant had written
         it (the prefilling attack); it conditions the continuation but is not part of the returned text.
@@ -60,7 +75,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
     around_batch: called with the prompt indices (caller's order) of each batch; the generation of that batch
         runs inside the context manager it returns (representation attacks use it to know which prompt each
         row of their hooked forwards belongs to).
-    Decoding drops special tokens (EOS, padding). Uses the KV cache, `do_sample=False`, under inference mode.
+    Uses the KV cache, `do_sample=False`, under inference mode.
     """
     if prefill is not None and len(prefill) != len(prompts):
         raise ValueError(f"prefill has {len(prefill)} strings for {len(prompts)} prompts")
@@ -70,7 +85,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
     if prefill is not None:
         texts = [text + pre for text, pre in zip(texts, prefill)]
     device, pad_id = _device(model), pad_id_of(tokenizer)
-    outputs: list[str | None] = [None] * len(texts)
+    outputs: list[list[int]] = [[] for _ in texts]
     with torch.inference_mode():
         encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
         order = _length_order([len(ids) for ids in encoded])
@@ -83,11 +98,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
                     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                          max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                          pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
-                new = out[:, ids.shape[1]:]
-                for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                    outputs[i] = text
+                for i, row in zip(index, out[:, ids.shape[1]:].tolist()):
+                    outputs[i] = row
                 bar.update(len(index))
-    return outputs  # type: ignore[return-value]
+    return outputs
 
 
 def _accepts(model, name: str) -> bool:

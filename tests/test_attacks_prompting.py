@@ -1,8 +1,8 @@
 import pytest
 
 from es2.attacks import AttackResult
-from es2.attacks.prompting import (TEMPLATES, direct, first_tokens, injection, prefill, render_template,
-                                   templates)
+from es2.attacks.prompting import (TEMPLATES, direct, first_tokens, injection, own_prefixes, own_tokens,
+                                   prefill, render_template, templates)
 from es2.generation import chat_prompts, generate
 from es2.modeling import load_causal_lm
 
@@ -127,6 +127,29 @@ def test_injection_after_s_own_tokens(lm):
             assert res.generations[i] == _manual(model, tok, prefix, NEW)[1]
     with pytest.raises(ValueError, match="spans"):
         injection(model, tok, PROMPTS, TARGETS[:1])
+
+
+def test_own_prefixes_cut_one_generation_as_separate_generations_would(lm):
+    model, tok = lm
+    steps = (5, 0, 2)
+    own = own_prefixes(model, tok, PROMPTS, steps, batch_size=3)
+    assert sorted(own) == [0, 2, 5] and own[0] == [""] * len(PROMPTS)
+    for s in (2, 5):
+        assert own[s] == own_tokens(model, tok, PROMPTS, [s] * len(PROMPTS), batch_size=3)
+    # shared by the caller across k, or computed inside: the same results
+    common = dict(steps=(2, 5), k=3, max_new_tokens=NEW, batch_size=3)
+    shared = injection(model, tok, PROMPTS, TARGETS, **common, own=own)
+    alone = injection(model, tok, PROMPTS, TARGETS, **common)
+    assert [(r.name, r.generations, r.details) for r in shared] == [(r.name, r.generations, r.details)
+                                                                   for r in alone]
+    with pytest.raises(ValueError, match=r"steps \[7\]"):
+        injection(model, tok, PROMPTS, TARGETS, steps=(2, 7), k=3, max_new_tokens=NEW, own=own)
+    # the direct answers are the longest cut
+    assert direct(model, tok, PROMPTS, max_new_tokens=5, batch_size=3, own=own).generations == \
+        direct(model, tok, PROMPTS, max_new_tokens=5, batch_size=3).generations == \
+        generate(model, tok, PROMPTS, 5, 3, progress=False)
+    with pytest.raises(ValueError, match="answers of 8 tokens"):
+        direct(model, tok, PROMPTS, max_new_tokens=8, own=own)
 
 
 def test_batched_equals_one_by_one(lm):

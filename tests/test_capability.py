@@ -5,8 +5,8 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from es2.capability import (agreement, answer_kl, benign_text, greedy_agreement, load_mc_csv, mmlu_sample_path,
-                            over_refusal, per_token_kl, perplexity)
+from es2.capability import (agreement, answer_kl, answer_kls, benign_text, greedy_agreement, load_mc_csv,
+                            mmlu_sample_path, over_refusal, per_token_kl, perplexity)
 from es2.errors import DataError
 from es2.generation import chat_prompts
 from es2.modeling import load_causal_lm
@@ -112,6 +112,17 @@ def test_answer_kl_to_another_model_is_token_weighted_and_padding_free(lm):
 
 
 # --- perplexity ---------------------------------------------------------------------------------------------
+
+
+def test_answer_kls_equal_one_answer_kl_per_model(lm):
+    # the evaluation scores the model and its baseline against the shipped model's logits, computed once
+    model, tok = lm
+    other, reference = build_model(tok, seed=1), build_model(tok, seed=2)
+    answers = ["sure, here is how to bake bread", "ok", "", "the capital of france is paris"]
+    both = answer_kls({"model": model, "other": other}, reference, tok, PROMPTS, answers, batch_size=3)
+    for name, alone in (("model", model), ("other", other)):  # repr: exact, and NaN (empty answer) equals NaN
+        assert repr(both[name]) == repr(answer_kl(alone, reference, tok, PROMPTS, answers, batch_size=3))
+    assert both["model"]["kl"] != both["other"]["kl"]
 
 
 def test_perplexity_equals_exp_mean_nll_by_hand(lm):

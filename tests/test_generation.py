@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from es2 import generation
-from es2.generation import chat_prompts, generate, sequence_logprob
+from es2.generation import chat_prompts, generate, generate_ids, sequence_logprob
 from es2.modeling import load_causal_lm
 from tests.tiny_model import reference_generate
 
@@ -37,6 +37,18 @@ def test_batched_generation_equals_one_by_one_in_original_order(lm):
     manual = [reference_generate(model, tok, t, 12) for t in chat_prompts(tok, PROMPTS)]
     assert batched == singles == manual
     assert len(set(batched)) > 1  # distinct outputs, so a permutation would be caught
+
+
+def test_a_long_generation_starts_with_every_shorter_one(lm):
+    # what lets one generation stand for several lengths (es2.attacks.prompting.own_prefixes)
+    model, tok = lm
+    longest = generate_ids(model, tok, PROMPTS, max_new_tokens=12, batch_size=3, progress=False)
+    assert all(len(ids) == 12 for ids in longest)
+    for s in (1, 5, 11):
+        shorter = generate_ids(model, tok, PROMPTS, s, batch_size=3, progress=False)
+        assert [ids[:s] for ids in longest] == shorter
+    assert tok.batch_decode(longest, skip_special_tokens=True) == generate(model, tok, PROMPTS, 12, 3,
+                                                                          progress=False)
 
 
 def test_prefill_conditions_the_continuation_and_is_not_returned(lm):

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from es2.attacks import AttackResult
-from es2.generation import generate
+from es2.generation import generate, generate_ids
 
 # Three original framings (written for this project, not taken from published jailbreak collections).
 # Each wraps the request in a context that presents answering as legitimate: fiction, a test mode, research.
@@ -58,11 +58,17 @@ def render_template(name: str, request: str) -> str:
 
 
 def direct(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
-           progress: bool = False, system: str | None = None) -> AttackResult:
-    """The request as-is, greedy (the baseline every other attack is compared with)."""
-    generations = generate(model, tokenizer, list(prompts), max_new_tokens, batch_size, progress=progress,
-                           system=system)
-    return AttackResult(name="direct", family="direct", prompts=list(prompts), generations=generations)
+           progress: bool = False, system: str | None = None, own: dict[int, list[str]] | None = None
+           ) -> AttackResult:
+    """The request as-is, greedy (the baseline every other attack is compared with). own: `own_prefixes` of
+    these prompts covering `max_new_tokens`, when the caller shares one generation with `injection`."""
+    if own is None:
+        own = own_prefixes(model, tokenizer, list(prompts), [max_new_tokens], batch_size, progress, system)
+    if max_new_tokens not in own:
+        raise ValueError(f"own has no answers of {max_new_tokens} tokens; pass own_prefixes(..., "
+                         f"[{max_new_tokens}, ...])")
+    return AttackResult(name="direct", family="direct", prompts=list(prompts),
+                        generations=own[max_new_tokens])
 
 
 def templates(model, tokenizer, prompts: list[str], names: Sequence[str] | None = None,
@@ -156,17 +162,29 @@ def own_tokens(model, tokenizer, prompts: list[str], s_of: list[int], batch_size
     return own
 
 
+def own_prefixes(model, tokenizer, prompts: list[str], steps: Sequence[int], batch_size: int = 16,
+                 progress: bool = False, system: str | None = None) -> dict[int, list[str]]:
+    """{s: the model's own first s greedy tokens for each prompt, as text} for every s in `steps` ("" for
+    s = 0), from one batched generation of max(steps) tokens cut at each s: greedy decoding never looks ahead
+    and the batches are the same, so each cut is what `generate(max_new_tokens=s)` writes (`own_tokens`)."""
+    steps = sorted({int(s) for s in steps})
+    longest = generate_ids(model, tokenizer, prompts, steps[-1], batch_size, progress=progress,
+                           system=system) if steps[-1] > 0 else [[] for _ in prompts]
+    return {s: tokenizer.batch_decode([ids[:s] for ids in longest], skip_special_tokens=True) if s else
+            [""] * len(prompts) for s in steps}
+
+
 def injection(model, tokenizer, prompts: list[str], spans: list[str], steps: Sequence[int] = (0, 8, 32),
               k: int = 10, max_new_tokens: int = 64, batch_size: int = 16, progress: bool = False,
-              system: str | None = None) -> list[AttackResult]:
+              system: str | None = None, own: dict[int, list[str]] | None = None) -> list[AttackResult]:
     """Mid-sequence injection (Park & Kim 2026; the depth-of-safety probe): let the model write s tokens
     greedily, append the first k tokens of `spans[i]` (a harmful span or affirmative target) as if the model
     had written them, continue greedily for `max_new_tokens`. One `AttackResult` per s (name
     `injection_s<s>`, x = s, effort {"s", "k"}), in the order of `steps`; ASR against s is the
     depth-of-safety curve. s = 0 is exactly `prefill` with the same span and k.
 
-    Batching: for each distinct s > 0 one batched `generate(max_new_tokens=s)` gives the model's own first
-    s tokens (decoded without special tokens; if the model stops before s tokens the span follows its
+    Batching: one batched generation of the largest s gives the model's own first s tokens for every s
+    (`own_prefixes`; decoded without special tokens; if the model stops before s tokens the span follows its
     finished answer; a multi-byte character cut at token s decodes to U+FFFD); then a single batched
     `generate` over all s continues from prefill = own text + injected span (joined by a space when
     neither side has whitespace at the seam; see `_join`). Re-tokenizing the own text can give slightly
@@ -174,6 +192,8 @@ def injection(model, tokenizer, prompts: list[str], spans: list[str], steps: Seq
     the own text equals the first s tokens of the direct answer.
     generations[i] is the continuation after the injected span only; details[i] holds "own" (the model's s
     tokens, as text), "forced" (the injected span) and "k_forced".
+    own: `own_prefixes` of these prompts covering `steps`, when the caller shares one generation across calls
+        (several k, several grids); computed here when None.
     """
     _check_lengths(prompts, spans, "spans")
     steps = [int(s) for s in steps]
@@ -182,10 +202,12 @@ def injection(model, tokenizer, prompts: list[str], spans: list[str], steps: Seq
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     span_texts, span_counts = first_tokens(tokenizer, spans, k)
-    n, distinct = len(prompts), sorted(set(steps))
-    flat_own = own_tokens(model, tokenizer, [p for _ in distinct for p in prompts],
-                          [s for s in distinct for _ in prompts], batch_size, progress, system)
-    own = {s: flat_own[i * n:(i + 1) * n] for i, s in enumerate(distinct)}
+    if own is None:
+        own = own_prefixes(model, tokenizer, prompts, steps, batch_size, progress, system)
+    if missing := sorted(set(steps) - set(own)):
+        raise ValueError(f"own has no prefixes for steps {missing}; pass own_prefixes(..., steps) covering "
+                         "every step")
+    n = len(prompts)
     flat_prompts = [p for _ in steps for p in prompts]
     flat_prefill = [_join(o, t) for s in steps for o, t in zip(own[s], span_texts)]
     outputs = generate(model, tokenizer, flat_prompts, max_new_tokens, batch_size, prefill=flat_prefill,

@@ -232,7 +232,7 @@ def _answer_capability(params: Params, loaded: dict, baseline_answers: list[str]
     benign prompts, KL(baseline || model) (`kl_to_baseline`, the headline's and the gate's KL); on the shipped
     model's (model.name_or_path, before any training) own answers, KL(shipped || model) for the model and the
     baseline (`kl_to_shipped`: what the whole recipe, warm start included, cost)."""
-    from es2.capability import answer_kl
+    from es2.capability import answer_kl, answer_kls
     from es2.spans import base_model_spans
     from es2.trajectories import model_identity
 
@@ -251,10 +251,11 @@ def _answer_capability(params: Params, loaded: dict, baseline_answers: list[str]
                   "chat_template": tokenizer.chat_template, "dtype": params.model.dtype}
     shipped_answers = base_model_spans(prompts, shipped_id, params.evaluate.max_new_tokens,
                                        lambda: (shipped, tokenizer), batch_size, what="shipped answers")
-    for prefix, evaluated in (("", model), ("baseline/", baseline)):
-        found = answer_kl(evaluated, shipped, tokenizer, prompts, shipped_answers, batch_size)
-        out[f"{prefix}capability/kl_to_shipped"] = found["kl"]
-        out[f"{prefix}capability/answer_agreement_to_shipped"] = found["agreement"]
+    found = answer_kls({"": model, "baseline/": baseline}, shipped, tokenizer, prompts, shipped_answers,
+                       batch_size)
+    for prefix, result in found.items():
+        out[f"{prefix}capability/kl_to_shipped"] = result["kl"]
+        out[f"{prefix}capability/answer_agreement_to_shipped"] = result["agreement"]
     return out
 
 

@@ -83,8 +83,9 @@ class Timed:
             print(f"  {self.what}: {time.perf_counter() - self.start:.0f} s", flush=True)
 
 
-def _forced(model, tokenizer, prompts, spans, grid_prefill, grid_injection, prefix, common) -> list:
-    """Prefill and injection results on one grid; names prefixed with `prefix` ("" or "trained_")."""
+def _forced(model, tokenizer, prompts, spans, grid_prefill, grid_injection, prefix, common, own) -> list:
+    """Prefill and injection results on one grid; names prefixed with `prefix` ("" or "trained_"). `own`: the
+    model's own prefixes (`prompting.own_prefixes`), shared by every k and both grids."""
     results = []
     if grid_prefill:
         for r in prompting.prefill(model, tokenizer, prompts, spans, grid_prefill, **common):
@@ -92,7 +93,7 @@ def _forced(model, tokenizer, prompts, spans, grid_prefill, grid_injection, pref
             results.append(r)
     for k in dict.fromkeys(k for _, k in grid_injection):
         steps = [s for s, kk in grid_injection if kk == k]
-        for r in prompting.injection(model, tokenizer, prompts, spans, steps, k, **common):
+        for r in prompting.injection(model, tokenizer, prompts, spans, steps, k, **common, own=own):
             r.name, r.family = f"{prefix}injection_s{int(r.effort['s'])}_k{k}", prefix + r.family
             results.append(r)
     return results
@@ -109,26 +110,34 @@ def run_attacks(model, tokenizer, harmful: list[dict], spans: dict[str, list[str
     prompts = [r["prompt"] for r in harmful]
     common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     results, efforts, refused_direct = [], {}, None
-    if "direct" in cfg.attacks or {"scav", "repe"} & set(cfg.attacks):  # the effort searches start from it
-        with Timed("direct"):
-            direct = prompting.direct(model, tokenizer, prompts, **common)
+    held_pre = grid.prefill if "prefill" in cfg.attacks else ()
+    held_inj = grid.injection if "injection" in cfg.attacks else ()
+    trained_pre = grid.trained_prefill if "prefill" in cfg.attacks else ()
+    trained_inj = grid.trained_injection if "injection" in cfg.attacks else ()
+    # the effort searches start from the direct answers
+    wants_direct = "direct" in cfg.attacks or bool({"scav", "repe"} & set(cfg.attacks))
+    # the direct answers and the injections' own tokens (every s, k, grid) are cuts of one greedy generation
+    lengths = [s for s, _ in held_inj + trained_inj] + ([cfg.max_new_tokens] if wants_direct else [])
+    own = {}
+    if lengths:
+        with Timed("direct and own tokens before injection"):
+            own = prompting.own_prefixes(model, tokenizer, prompts, lengths, cfg.batch_size)
+    if wants_direct:
+        direct = prompting.direct(model, tokenizer, prompts, **common, own=own)
         refused_direct = judge(prompts, direct.generations)
         if "direct" in cfg.attacks:
             results.append(direct)
     if "template" in cfg.attacks:
         with Timed("templates"):
             results += prompting.templates(model, tokenizer, prompts, **common)
-    held_pre = grid.prefill if "prefill" in cfg.attacks else ()
-    held_inj = grid.injection if "injection" in cfg.attacks else ()
     if held_pre or held_inj:
         with Timed("prefill + injection (held-out spans)"):
-            results += _forced(model, tokenizer, prompts, spans["heldout"], held_pre, held_inj, "", common)
-    trained_pre = grid.trained_prefill if "prefill" in cfg.attacks else ()
-    trained_inj = grid.trained_injection if "injection" in cfg.attacks else ()
+            results += _forced(model, tokenizer, prompts, spans["heldout"], held_pre, held_inj, "", common,
+                               own)
     if trained_pre or trained_inj:
         with Timed("prefill + injection (trained perturbations)"):
             results += _forced(model, tokenizer, prompts, spans["trained"], trained_pre, trained_inj, "trained_",
-                               common)
+                               common, own)
     if {"scav", "repe"} & set(cfg.attacks):
         more, found = _representation_attacks(model, tokenizer, prompts, probe_sets, cfg, judge, refused_direct)
         results += more
@@ -291,7 +300,8 @@ def evaluate_one(model, tokenizer, harmful, benign, spans, grid, probe_sets, cfg
     metrics["refusal_margin/mean"] = float(margins.mean())
     metrics["refusal_margin/frac_positive"] = float((margins > 0).float().mean())
     benign_prompts = [r["prompt"] for r in benign]
-    benign_answers = generate(model, tokenizer, benign_prompts, cfg.max_new_tokens, cfg.batch_size)
+    with Timed("benign answers"):
+        benign_answers = generate(model, tokenizer, benign_prompts, cfg.max_new_tokens, cfg.batch_size)
     borderline = [r.get("category") == "borderline" for r in benign]
     benign_flags = {name: [bool(f) for f in judge.refused(benign_prompts, benign_answers)]
                     for name, judge in judges.items()}
