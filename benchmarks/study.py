@@ -235,9 +235,7 @@ def best_vs_default(out: Path, rows: list[dict]) -> str:
     seeds = sorted({r["seed"] for r in rows if r["variant"] == challenger} & {r["seed"] for r in rows
                                                                                if r["variant"] == "default"})
     for seed in seeds:
-        roles = [from_outcomes(json.loads((out / v / f"seed{seed}" / "eval" / "outcomes.json").read_text())
-                               ["roles"]["model"]) for v in (challenger, "default")]
-        tested = [r for r in headline_rows(*roles) if r.pvalue is not None]
+        tested = _paired(out, challenger, seed)
         lines.append(f"- seed {seed}: " + "; ".join(f"{r.figure} {r.diff:+.0%} (p = {r.pvalue:.2g})" for r in tested))
         for r in (r for r in tested if r.pvalue < 0.05 and r.diff):
             (better if (r.diff < 0) == r.lower_is_better else worse).add(r.figure)
@@ -251,6 +249,32 @@ def best_vs_default(out: Path, rows: list[dict]) -> str:
     else:
         lines.append(f"Better at p < 0.05 on {better_on}, worse on {worse_on}: the default stays.")
     return "\n".join(lines)
+
+
+def _paired(out: Path, variant: str, seed: int) -> list:
+    """The headline rows (es2.headline) of `variant` against `default` at one seed, on the same prompts, that
+    carry a paired test; diff is the variant's figure minus the default's."""
+    roles = [from_outcomes(json.loads((out / v / f"seed{seed}" / "eval" / "outcomes.json").read_text())
+                           ["roles"]["model"]) for v in (variant, "default")]
+    return [r for r in headline_rows(*roles) if r.pvalue is not None]
+
+
+def paired_vs_default(out: Path, rows: list[dict]) -> str:
+    """Every variant against `default` at each seed both ran: the headline figures that differ at p < 0.05
+    (McNemar on the same prompts), so every reading of the table has its paired test."""
+    seeds_of: dict[str, set] = {}
+    for r in rows:
+        seeds_of.setdefault(r["variant"], set()).add(r["seed"])
+    if "default" not in seeds_of or len(seeds_of) == 1:
+        return ""
+    lines = ["Each variant against `default` on the same prompts: the figures that differ at p < 0.05 "
+             "(McNemar)."]
+    for variant, seeds in seeds_of.items():
+        for seed in sorted(seeds & seeds_of["default"]) if variant != "default" else ():
+            shown = [f"{r.figure} {r.diff:+.0%} {'better' if (r.diff < 0) == r.lower_is_better else 'worse'} "
+                     f"(p {r.pvalue:.2g})" for r in _paired(out, variant, seed) if r.pvalue < 0.05 and r.diff]
+            lines.append(f"- {variant}, seed {seed}: {'; '.join(shown) or 'none'}")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -304,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     text = (f"# Equal-budget study (profile `{args.profile}`, attacks {args.attacks or 'evaluate.attacks'}, "
             f"seeds {seeds}{'; ' + ', '.join(args.extra) if args.extra else ''}; judge `semantic`, held-out "
             "perturbations)\n\n" + table(rows, attacks, n_goals) + notes
-            + "\n" + best_vs_default(out, rows) + "\n")
+            + "\n" + best_vs_default(out, rows) + "\n\n" + paired_vs_default(out, rows))
     write_json(out / "study.json", rows)
     write_text(out / "study.md", text)
     frontier(out / "frontier.png", rows, attacks, goals)
