@@ -137,19 +137,24 @@ def portable_reference(name_or_path: str) -> str:
 
 def make_portable(adapter: Path) -> None:
     """Rename the base that peft recorded in a saved adapter (adapter_config.json and the model card) by its
-    `portable_reference`. Done after saving, not by renaming the loaded model: peft checks at save time whether
-    the vocabulary changed by reading the base's config from that name, and a reference is not a folder."""
+    `portable_reference`, and sort its target modules. Done after saving, not by renaming the loaded model:
+    peft checks at save time whether the vocabulary changed by reading the base's config from that name, and a
+    reference is not a folder. peft writes target_modules from a set, in an order that changes with the
+    process's hash seed; sorted, the same weights give the same files, so a rerun shows as reproduced (the
+    same DVC hash)."""
     config_file = adapter / "adapter_config.json"
     if not config_file.exists():  # a full fine-tune: the folder is the model itself
         return
     config = json.loads(config_file.read_text())
     base = config.get("base_model_name_or_path")
     reference = portable_reference(base) if base else base
-    if reference == base:
-        return
-    write_text(config_file, json.dumps({**config, "base_model_name_or_path": reference}, indent=2, sort_keys=True))
+    modules = config.get("target_modules")
+    fixed = {**config, "base_model_name_or_path": reference,
+             **({"target_modules": sorted(modules)} if isinstance(modules, list) else {})}
+    if fixed != config:
+        write_text(config_file, json.dumps(fixed, indent=2, sort_keys=True))
     card = adapter / "README.md"
-    if card.exists():
+    if reference != base and card.exists():
         write_text(card, card.read_text().replace(base, reference))
 
 

@@ -72,10 +72,13 @@ def test_a_saved_adapter_names_its_base_portably(cache):
 
     model, _ = modeling.load_causal_lm(modeling.DEFAULT_MODEL)
     adapter = cache.parent / "adapter"
-    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(adapter))
+    lora = LoraConfig(r=2, target_modules=["v_proj", "q_proj", "o_proj", "k_proj"])
+    get_peft_model(model, lora).save_pretrained(str(adapter))
     assert str(cache) in (adapter / "adapter_config.json").read_text()  # what peft writes: this machine's path
     modeling.make_portable(adapter)
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m-instruct"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "smollm2-135m-instruct"
+    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]  # not the set's hashed order
     assert str(cache) not in (adapter / "README.md").read_text()
     PeftModel.from_pretrained(modeling.load_causal_lm(modeling.DEFAULT_MODEL)[0], str(adapter))
 
