@@ -81,8 +81,8 @@ def _timing_lines(metrics: dict, eval_dir: Path) -> list[str]:
         if wall:
             shown.append(f"{name} {wall / 60:.1f} min")
     for role in ("", "baseline/"):
-        if metrics.get(f"{role}seconds"):
-            shown.append(f"evaluation of the {role.rstrip('/') or 'model'} {metrics[f'{role}seconds'] / 60:.1f} min")
+        if evaluation := metrics.get(f"{role}seconds"):
+            shown.append(f"evaluation of the {role.rstrip('/') or 'model'} {evaluation / 60:.1f} min")
     return ["", "Wall time as recorded: " + ", ".join(shown) + "."] if shown else []
 
 

@@ -161,13 +161,14 @@ def test_a_run_made_before_params_yaml_changed_is_refused_naming_the_key(tmp_pat
 
 def test_every_variant_is_paired_against_the_default_naming_what_differs_at_p_005(tmp_path):
     _outcomes(tmp_path / "default" / "seed0" / "eval", [False] * 8, [True] * 4)
-    _outcomes(tmp_path / "refusal_ce" / "seed0" / "eval", [True] * 8, [False] * 4)   # refuses every benign prompt
+    _outcomes(tmp_path / "refusal_ce" / "seed0" / "eval", [True] * 8, [False] * 4)  # refuses every benign one
     _outcomes(tmp_path / "four_layers" / "seed0" / "eval", [True] + [False] * 7, [True] * 4)
     _outcomes(tmp_path / "four_layers" / "seed1" / "eval", [False] * 8, [True] * 4)  # no default at seed 1
     rows = [study.goal_row(v, s, _metrics(), GOALS)
             for v, s in (("default", 0), ("refusal_ce", 0), ("four_layers", 0), ("four_layers", 1))]
     lines = study.paired_vs_default(tmp_path, rows).splitlines()
-    assert lines[1:] == ["- refusal_ce, seed 0: over_refusal +100% worse (p 0.0078)", "- four_layers, seed 0: none"]
+    assert lines[1:] == ["- refusal_ce, seed 0: over_refusal +100% worse (p 0.0078)",
+                         "- four_layers, seed 0: none"]
     assert study.paired_vs_default(tmp_path, rows[:1]) == ""
 
 
