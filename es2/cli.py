@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from es2.data.importers import FORMATS
 from es2.errors import ES2Error
 from es2.pipeline import ARTIFACTS, stage
 
@@ -65,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="import data sets").add_subparsers(dest="action", required=True)
     imp = add(data, "import", "data import", "convert a benchmark file into normalised JSONL records")
-    imp.add_argument("format", help="advbench, harmbench, jailbreakbench, xstest, alpaca, jsonl or csv")
+    imp.add_argument("format", choices=FORMATS, help="the benchmark the file comes from, or jsonl / csv for any "
+                                                       "other file with a prompt column")
     imp.add_argument("input", type=Path)
     imp.add_argument("--label", choices=["harmful", "harmless"], help="label for formats without one")
     imp.add_argument("--output", type=Path, required=True)
@@ -94,8 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     ev = add(sub, "evaluate", "evaluate", "attack, judge and measure a model (any model, any prompt file)")
     ev.add_argument("--model", help="model folder, HF id, adapter folder, or registered model "
                                     "models:/NAME@ALIAS or models:/NAME/VERSION (default: evaluate.model)")
-    ev.add_argument("--harmful", help="harmful prompts: normalised JSONL or an importable CSV/JSON")
-    ev.add_argument("--benign", help="benign prompts (default: data.eval_harmless)")
+    ev.add_argument("--harmful", help="harmful prompts: normalised JSONL, a benchmark's file (" + ", ".join(
+        FORMATS[:-2]) + "), any CSV/JSON(L) with a prompt column, or .txt with one prompt per line")
+    ev.add_argument("--benign", help="benign prompts, any of the same (default: data.eval_harmless); a file with "
+                                     "its own labels (XSTest) gives its harmless rows")
     ev.add_argument("--baseline", default="params", help="model to compare with; 'none' for no comparison")
     ev.add_argument("--attacks", help="comma list of: direct,template,prefill,injection,scav,repe,softprompt,gcg")
     ev.add_argument("--limit", type=int, help="harmful prompts attacked (and at most as many benign ones)")

@@ -1,10 +1,12 @@
 """Convert public benchmark files into normalised records (see es2.data.schema).
 
 `es2 data import FORMAT INPUT --label LABEL --output OUT.jsonl` is `import_records` then `write_records`.
-A format is a file kind (CSV or JSON) plus a default map from record field to input column. `columns`
-overrides that map, so an unusual export of a known benchmark, or any other table, imports without code.
-Each benchmark format also has signature columns: a file without them, or one whose columns are another
-benchmark's, is refused with the format it really is.
+A format is a default map from record field to input column; the file's suffix says how it is read (.csv a
+table, .json a JSON array, .jsonl JSON Lines, .parquet as the Hugging Face Hub serves datasets, .txt one prompt
+per line), so a benchmark exported to another kind of file imports the same way. `columns` overrides that map, so an unusual export of a known benchmark, or
+any other table, imports without code. Each benchmark format also has signature columns: a file without them,
+or one whose columns are another benchmark's, is refused with the format it really is. `read_prompt_file` is
+the same import for commands that take a prompt file directly (`es2 evaluate --harmful F`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 from pathlib import Path
 
 from es2.data.prompt_checks import control_character, special_token
-from es2.data.schema import LABELS, json_error, read_text
+from es2.data.schema import LABELS, REQUIRED_FIELDS, json_error, read_records, read_text
 from es2.errors import DataError
 from es2.io import write_jsonl
 
@@ -33,22 +35,24 @@ XSTEST_CATEGORY = {"harmless": "borderline", "harmful": "contrast"}
 # Generic files use the normalised names, so a file already in the record format re-imports as is.
 _GENERIC = {field: field for field in ("id", "prompt", "label", "category", "subcategory", "target", "response")}
 
-# format -> (file kind, field -> column, label when the file has no label column). Only AdvBench and
-# HarmBench hold nothing but harmful requests. JailbreakBench ships a benign split with the same columns,
-# and Alpaca-style files exist for both classes, so those need an explicit label.
+# format -> (field -> column, label when the file has no label column). AdvBench, HarmBench, StrongREJECT,
+# Do-Not-Answer and SimpleSafetyTests hold nothing but harmful requests. JailbreakBench ships a benign split
+# with the same columns, and Alpaca-style files exist for both classes, so those need an explicit label.
 _SPECS = {
-    "advbench": ("csv", {"prompt": "goal", "target": "target"}, "harmful"),
-    "harmbench": ("csv", {"id": "BehaviorID", "prompt": "Behavior", "category": "SemanticCategory",
-                          "context": "ContextString"}, "harmful"),
-    "jailbreakbench": ("csv", {"id": "Index", "prompt": "Goal", "target": "Target", "category": "Category"},
-                       None),
+    "advbench": ({"prompt": "goal", "target": "target"}, "harmful"),
+    "harmbench": ({"id": "BehaviorID", "prompt": "Behavior", "category": "SemanticCategory",
+                   "context": "ContextString"}, "harmful"),
+    "jailbreakbench": ({"id": "Index", "prompt": "Goal", "target": "Target", "category": "Category"}, None),
+    "strongreject": ({"prompt": "forbidden_prompt", "category": "category"}, "harmful"),
+    "donotanswer": ({"id": "id", "prompt": "question", "category": "risk_area", "subcategory": "types_of_harm"},
+                    "harmful"),
+    "simplesafetytests": ({"id": "id", "prompt": "prompts_final", "category": "harm_area"}, "harmful"),
     # XSTest's `type` (homonyms, figurative_language, ..., contrast_*) is kept as the subcategory; the category
     # is set below: every safe XSTest prompt is one that sounds dangerous but is safe.
-    "xstest": ("csv", {"id": "id", "prompt": "prompt", "subcategory": "type", "label": "label"}, None),
-    "alpaca": ("json", {"prompt": "instruction", "input": "input", "response": "output",
-                        "category": "category"}, None),
-    "jsonl": ("json", _GENERIC, None),
-    "csv": ("csv", _GENERIC, None),
+    "xstest": ({"id": "id", "prompt": "prompt", "subcategory": "type", "label": "label"}, None),
+    "alpaca": ({"prompt": "instruction", "input": "input", "response": "output", "category": "category"}, None),
+    "jsonl": (_GENERIC, None),
+    "csv": (_GENERIC, None),
 }
 FORMATS = tuple(_SPECS)
 _GENERIC_FORMATS = ("jsonl", "csv")
@@ -61,6 +65,9 @@ _SIGNATURES = {
     "advbench": ("goal", "target"),
     "harmbench": ("Behavior", "SemanticCategory"),
     "jailbreakbench": ("Goal", "Target", "Behavior", "Category"),
+    "strongreject": ("forbidden_prompt",),
+    "donotanswer": ("question", "risk_area"),
+    "simplesafetytests": ("prompts_final",),
     "xstest": ("prompt", "type", "label"),
     "alpaca": ("instruction",),
     "jsonl": ("prompt",),
@@ -86,15 +93,15 @@ def import_records(fmt: str, path, label: str | None, columns: dict[str, str] | 
                         f"map any of: {', '.join(MAPPABLE_FIELDS)}")
     if label is not None and label.strip().lower() not in LABEL_ALIASES:
         raise DataError(f"--label {label!r} is not a label", f"use one of: {', '.join(LABELS)}")
-    kind, defaults, default_label = _SPECS[fmt]
+    defaults, default_label = _SPECS[fmt]
     path = Path(path)
     source = source or fmt
 
-    found, rows = _read_csv(path) if kind == "csv" else _read_json(path)
+    found, rows = _read(path)
     if not rows:
         raise DataError(f"{path}: no data rows (only a header or an empty list)",
                         "point at the file that holds the records")
-    detected = _detect(found, kind)
+    detected = _detect(found, path)
     _check_format(path, fmt, found, detected, overridden={defaults[f] for f in columns if f in defaults})
     mapping = _resolve_columns(path, found, {**defaults, **columns}, explicit=set(columns), detected=detected)
 
@@ -138,10 +145,35 @@ def import_records(fmt: str, path, label: str | None, columns: dict[str, str] | 
 def detect_format(path) -> str:
     """The format whose signature columns the file's header (CSV) or keys (.json, .jsonl) match; a benchmark
     format when one fits, else the generic csv or jsonl."""
+    found, _ = _read(Path(path))
+    return _detect(found, Path(path)) or _generic(Path(path))
+
+
+def read_prompt_file(path, label: str) -> list[dict]:
+    """The `label` records of any prompt file es2 reads, for commands that take one directly (es2 evaluate).
+
+    Normalised JSONL is read as it is (es2.data.schema). Any other file is imported in the benchmark format its
+    columns show, else as a generic table (a `prompt` column) or one prompt per line (.txt). A file with its own
+    label column (XSTest, a table with `label`) keeps its labels and only its `label` rows are returned; the
+    rows of any other file all get `label`, e.g. a StrongREJECT file given as harmful prompts.
+    """
     path = Path(path)
-    kind = "json" if path.suffix.lower() in (".json", ".jsonl") else "csv"
-    found, _ = _read_csv(path) if kind == "csv" else _read_json(path)
-    return _detect(found, kind) or ("jsonl" if kind == "json" else "csv")
+    if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet", ".txt"):
+        raise DataError(f"{path}: unknown file type {path.suffix!r}",
+                        "use .jsonl, .json, .csv, .parquet or .txt (one prompt per line)")
+    found, _ = _read(path)
+    if path.suffix.lower() == ".jsonl" and all(field in found for field in REQUIRED_FIELDS):
+        return [r for r in read_records(path) if r["label"] == label]
+    fmt = _detect(found, path) or _generic(path)
+    own_labels = _column(found, _SPECS[fmt][0].get("label", "")) is not None
+    try:
+        records = import_records(fmt, path, None if own_labels else label)
+    except DataError as exc:
+        if "--columns" not in exc.hint:
+            raise
+        raise DataError(exc.problem, f"convert it first and pass the result: es2 data import {_generic(path)} "
+                                     f"{path} --label {label} --columns prompt=COL --output prompts.jsonl") from exc
+    return [r for r in records if r["label"] == label]
 
 
 def parse_column_mapping(spec: str) -> dict[str, str]:
@@ -170,6 +202,40 @@ def _read_text(path: Path) -> str:
     if not text.strip():
         raise DataError(f"{path}: file is empty", "point at the file that holds the records")
     return text
+
+
+def _read(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    """The file's columns and (place, row) pairs, read the way its suffix says."""
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        return _read_json(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix == ".txt":
+        lines = [(n, line.strip()) for n, line in enumerate(_read_text(path).split("\n"), start=1)]
+        return ["prompt"], [(f"line {n}", {"prompt": text}) for n, text in lines if text]
+    return _read_csv(path)
+
+
+def _read_parquet(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
+    """A Parquet file, as the Hugging Face Hub serves every dataset. pyarrow is imported here, not above: it
+    takes longer to import than the rest of the CLI, and only Parquet files need it."""
+    import pyarrow
+    import pyarrow.parquet
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found", "check the path")
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except pyarrow.ArrowException as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})",
+                        "export the data as .csv or .jsonl, or point at the dataset's .parquet file") from exc
+    return table.column_names, [(f"row {n}", row) for n, row in enumerate(table.to_pylist(), start=1)]
+
+
+def _generic(path: Path) -> str:
+    """The generic format for a file of this kind."""
+    return "jsonl" if path.suffix.lower() in (".json", ".jsonl") else "csv"
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
@@ -226,12 +292,14 @@ def _read_json(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
     return found, list(zip(places, items))
 
 
-def _detect(found: list[str], kind: str) -> str | None:
-    """The format of this kind whose signature columns are all present, the most specific when several are
-    (a JailbreakBench file has AdvBench's columns too); None when none is."""
+def _detect(found: list[str], path: Path) -> str | None:
+    """The benchmark format whose signature columns are all present, the most specific when several are (a
+    JailbreakBench file has AdvBench's columns too); else the generic format of the file's kind when it has a
+    prompt column; else None."""
     matches = [fmt for fmt, signature in _SIGNATURES.items()
-               if _SPECS[fmt][0] == kind and all(_column(found, c) for c in signature)]
-    return max(matches, key=lambda fmt: len(_SIGNATURES[fmt]), default=None)
+               if fmt not in _GENERIC_FORMATS and all(_column(found, c) for c in signature)]
+    generic = _generic(path) if _column(found, "prompt") else None
+    return max(matches, key=lambda fmt: len(_SIGNATURES[fmt]), default=generic)
 
 
 def _check_format(path: Path, fmt: str, found: list[str], detected: str | None, overridden: set[str]) -> None:
@@ -252,7 +320,7 @@ def _check_format(path: Path, fmt: str, found: list[str], detected: str | None, 
             problem += f"; it matches the {detected} format"
         # Another benchmark's column that the wrong importer would take the prompts from makes the danger
         # concrete.
-        prompt = _column(found, _SPECS[fmt][1]["prompt"])
+        prompt = _column(found, _SPECS[fmt][0]["prompt"])
         if detected not in (None, *_GENERIC_FORMATS) and prompt:
             problem += f", and imported as {fmt} its {prompt!r} column would become the prompts"
     elif detected not in (None, fmt) and len(_SIGNATURES[detected]) > len(_SIGNATURES[fmt]):
@@ -264,9 +332,9 @@ def _check_format(path: Path, fmt: str, found: list[str], detected: str | None, 
         raise DataError(problem, f"import it with its own format: es2 data import {detected} {path} ...")
     # Re-pointing columns is offered only when no other benchmark matches: mapping a JailbreakBench file's
     # columns onto HarmBench's would import it wrong again.
-    generic = "csv" if _SPECS[fmt][0] == "csv" else "jsonl"
     raise DataError(problem, f"if the file is an export of {fmt} with other column names, map them with "
-                             f"--columns FIELD=COL; any other table imports with es2 data import {generic} {path} ...")
+                             f"--columns FIELD=COL; any other table imports with es2 data import {_generic(path)} "
+                             f"{path} ...")
 
 
 def _column(found: list[str], column: str) -> str | None:

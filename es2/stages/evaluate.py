@@ -3,8 +3,8 @@ data.
 
 `es2 evaluate` with no flags reads params (the DVC stage: the trained adapter against the model training
 started from). With flags it evaluates any model (folder, HF id in the local cache, adapter folder, or a
-registered model `models:/NAME@ALIAS` / `models:/NAME/VERSION`) on any prompt file (normalised JSONL or an
-importable benchmark format). Prompts are drawn stratified by category (`evaluate.seed`), so a benign set's
+registered model `models:/NAME@ALIAS` / `models:/NAME/VERSION`) on any prompt file: normalised JSONL, a
+benchmark's own file, a table with a `prompt` column or one prompt per line (es2.data.importers). Prompts are drawn stratified by category (`evaluate.seed`), so a benign set's
 borderline rows are always in. The attacks, judges and perturbation grids are in es2.stages.suite; the headline
 (paired McNemar tests against the baseline) in es2.headline.
 
@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 
 from es2.config import Params
+from es2.data.importers import read_prompt_file
 from es2.errors import ConfigError, DataError
 from es2.io import write_json, write_jsonl, write_text
 from es2.pipeline import stage
@@ -56,22 +57,6 @@ def load_model(spec: str, params: Params):
         return PeftModel.from_pretrained(model, spec).eval(), tokenizer
     model, tokenizer = load_causal_lm(spec, params.model.revision, **options)
     return model.eval(), tokenizer
-
-
-def read_prompts(path: str | Path, label: str) -> list[dict]:
-    """Records with `label` from a normalised JSONL file or any importable format (sniffed from the header)."""
-    from es2.data.importers import detect_format, import_records
-    from es2.data.schema import read_records
-
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        rows = read_records(path)
-    elif path.suffix in (".csv", ".json"):
-        fmt = detect_format(path)
-        rows = import_records(fmt, path, None if fmt == "xstest" else label)
-    else:
-        raise DataError(f"{path}: unknown file type", "use .jsonl (normalised), .csv or .json")
-    return [r for r in rows if r["label"] == label]
 
 
 def _csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -138,10 +123,10 @@ def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     check_source(cfg.span_source)
-    harmful_rows = stratified_sample(read_prompts(harmful or cfg.harmful or params.data.eval_harmful, "harmful"),
-                                     cfg.limit, cfg.seed)
-    benign_rows = stratified_sample(read_prompts(benign or cfg.benign or params.data.eval_harmless, "harmless"),
-                                    cfg.benign_limit, cfg.seed)
+    harmful_rows = stratified_sample(
+        read_prompt_file(harmful or cfg.harmful or params.data.eval_harmful, "harmful"), cfg.limit, cfg.seed)
+    benign_rows = stratified_sample(
+        read_prompt_file(benign or cfg.benign or params.data.eval_harmless, "harmless"), cfg.benign_limit, cfg.seed)
     if not harmful_rows or not benign_rows:
         raise DataError(f"no prompts to evaluate: {len(harmful_rows)} harmful, {len(benign_rows)} benign",
                         "check --harmful/--benign (or evaluate.harmful/benign): labels must be harmful/harmless")
