@@ -186,13 +186,16 @@ def test_read_prompt_file_keeps_a_files_own_labels_and_gives_the_rest_the_one_as
     assert [r["label"] for r in read_prompt_file(FIX / "jailbreakbench.csv", "harmless")] == ["harmless"] * 2
 
 
-def test_read_prompt_file_without_a_prompt_column_says_how_to_convert_the_file(tmp_path):
+def test_read_prompt_file_refuses_what_it_cannot_read_right_and_says_how_to_fix_it(tmp_path):
     path = _write(tmp_path, "q.csv", "question_text,topic\nHow do owls sleep?,birds\n")
     with pytest.raises(DataError) as exc:
         read_prompt_file(path, "harmless")
     assert "no column 'prompt'" in _problem(exc) and "['question_text', 'topic']" in _problem(exc)
     assert exc.value.hint == (f"convert it first and pass the result: es2 data import csv {path} --label harmless "
                               "--columns prompt=COL --output prompts.jsonl")
+    with pytest.raises(DataError) as exc:
+        read_prompt_file(FIX / "advbench.csv", "harmless")  # a set of harmful requests as the benign set
+    assert "advbench files hold harmful prompts only; this one was given as the harmless set" in _problem(exc)
     with pytest.raises(DataError) as exc:
         read_prompt_file(_write(tmp_path, "prompts.xlsx", b"PK"), "harmful")
     assert "unknown file type '.xlsx'" in _problem(exc) and ".parquet" in exc.value.hint

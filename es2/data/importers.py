@@ -2,11 +2,12 @@
 
 `es2 data import FORMAT INPUT --label LABEL --output OUT.jsonl` is `import_records` then `write_records`.
 A format is a default map from record field to input column; the file's suffix says how it is read (.csv a
-table, .json a JSON array, .jsonl JSON Lines, .parquet as the Hugging Face Hub serves datasets, .txt one prompt
-per line), so a benchmark exported to another kind of file imports the same way. `columns` overrides that map, so an unusual export of a known benchmark, or
-any other table, imports without code. Each benchmark format also has signature columns: a file without them,
-or one whose columns are another benchmark's, is refused with the format it really is. `read_prompt_file` is
-the same import for commands that take a prompt file directly (`es2 evaluate --harmful F`).
+table, .json a JSON array, .jsonl JSON Lines, .parquet as the Hugging Face Hub serves datasets, .txt one
+prompt per line), so a benchmark exported to another kind of file imports the same way. `columns` overrides
+that map, so an unusual export of a known benchmark, or any other table, imports without code. Each benchmark
+format also has signature columns: a file without them, or one whose columns are another benchmark's, is
+refused with the format it really is. `read_prompt_file` is the same import for commands that take a prompt
+file directly (`es2 evaluate --harmful F`).
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def read_prompt_file(path, label: str) -> list[dict]:
     Normalised JSONL is read as it is (es2.data.schema). Any other file is imported in the benchmark format its
     columns show, else as a generic table (a `prompt` column) or one prompt per line (.txt). A file with its own
     label column (XSTest, a table with `label`) keeps its labels and only its `label` rows are returned; the
-    rows of any other file all get `label`, e.g. a StrongREJECT file given as harmful prompts.
+    rows of any other file all get `label`, e.g. a StrongREJECT file given as harmful prompts. A benchmark of
+    harmful requests only (AdvBench, ...) given as the harmless set is refused.
     """
     path = Path(path)
     if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet", ".txt"):
@@ -166,6 +168,11 @@ def read_prompt_file(path, label: str) -> list[dict]:
         return [r for r in read_records(path) if r["label"] == label]
     fmt = _detect(found, path) or _generic(path)
     own_labels = _column(found, _SPECS[fmt][0].get("label", "")) is not None
+    holds_only = _SPECS[fmt][1]
+    if holds_only not in (None, label):  # e.g. AdvBench given as the benign set: a mistake, never a choice
+        raise DataError(f"{path}: {fmt} files hold {holds_only} prompts only; this one was given as the "
+                        f"{label} set",
+                        f"give it as the {holds_only} set, and a file of {label} prompts as the {label} set")
     try:
         records = import_records(fmt, path, None if own_labels else label)
     except DataError as exc:

@@ -4,9 +4,10 @@ data.
 `es2 evaluate` with no flags reads params (the DVC stage: the trained adapter against the model training
 started from). With flags it evaluates any model (folder, HF id in the local cache, adapter folder, or a
 registered model `models:/NAME@ALIAS` / `models:/NAME/VERSION`) on any prompt file: normalised JSONL, a
-benchmark's own file, a table with a `prompt` column or one prompt per line (es2.data.importers). Prompts are drawn stratified by category (`evaluate.seed`), so a benign set's
-borderline rows are always in. The attacks, judges and perturbation grids are in es2.stages.suite; the headline
-(paired McNemar tests against the baseline) in es2.headline.
+benchmark's own file, a table with a `prompt` column or one prompt per line (es2.data.importers). Prompts are
+drawn stratified by category (`evaluate.seed`), so a benign set's borderline rows are always in. The attacks,
+judges and perturbation grids are in es2.stages.suite; the headline (paired McNemar tests against the
+baseline) in es2.headline.
 
 Writes into OUT: headline.json (the verdict and headline rows), metrics.json (flat keys, DVC metrics:
 asr/<attack>/<judge>, asr_whole/..., diff/<figure>, pvalue/<figure>, n/<figure>, ...), intervals.json (every
