@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from es2.data.importers import FORMATS
+from es2.data.importers import BENCHMARK_FORMATS, FORMATS
 from es2.errors import ES2Error
 from es2.pipeline import ARTIFACTS, stage
 
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="model folder, HF id, adapter folder, or registered model "
                                     "models:/NAME@ALIAS or models:/NAME/VERSION (default: evaluate.model)")
     ev.add_argument("--harmful", help="harmful prompts: normalised JSONL, a benchmark's file (" + ", ".join(
-        FORMATS[:-2]) + "), any CSV/JSON(L) with a prompt column, or .txt with one prompt per line")
+        BENCHMARK_FORMATS) + "), any CSV/JSON(L) with a prompt column, or .txt with one prompt per line")
     ev.add_argument("--benign", help="benign prompts, any of the same (default: data.eval_harmless); a file with "
                                      "its own labels (XSTest) gives its harmless rows")
     ev.add_argument("--baseline", default="params", help="model to compare with; 'none' for no comparison")

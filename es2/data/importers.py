@@ -1,24 +1,22 @@
 """Convert public benchmark files into normalised records (see es2.data.schema).
 
 `es2 data import FORMAT INPUT --label LABEL --output OUT.jsonl` is `import_records` then `write_records`.
-A format is a default map from record field to input column; the file's suffix says how it is read (.csv a
-table, .json a JSON array, .jsonl JSON Lines, .parquet as the Hugging Face Hub serves datasets, .txt one
-prompt per line), so a benchmark exported to another kind of file imports the same way. `columns` overrides
-that map, so an unusual export of a known benchmark, or any other table, imports without code. Each benchmark
-format also has signature columns: a file without them, or one whose columns are another benchmark's, is
-refused with the format it really is. `read_prompt_file` is the same import for commands that take a prompt
-file directly (`es2 evaluate --harmful F`).
+A format is a default map from record field to input column, whatever kind of file holds it: the file's suffix
+says how it is read (es2.data.readers), so a benchmark exported from the Hub as JSON Lines or Parquet imports
+like its CSV. `columns` overrides that map, so an unusual export of a known benchmark, or any other table,
+imports without code. Each benchmark format also has signature columns: a file without them, or one whose
+columns are another benchmark's, is refused with the format it really is. `read_prompt_file` is the same
+import for commands that take a prompt file directly (`es2 evaluate --harmful F`): it finds the format from
+the columns.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 
 from es2.data.prompt_checks import control_character, special_token
-from es2.data.schema import LABELS, REQUIRED_FIELDS, json_error, read_records, read_text
+from es2.data.readers import KINDS, file_kind, read_rows
+from es2.data.schema import LABELS, REQUIRED_FIELDS, read_records
 from es2.errors import DataError
 from es2.io import write_jsonl
 
@@ -57,6 +55,9 @@ _SPECS = {
 }
 FORMATS = tuple(_SPECS)
 _GENERIC_FORMATS = ("jsonl", "csv")
+BENCHMARK_FORMATS = tuple(fmt for fmt in FORMATS if fmt not in _GENERIC_FORMATS)
+# How a format's files are read when their suffix does not say (es2.data.readers): Alpaca ships JSON.
+_JSON_FORMATS = ("alpaca", "jsonl")
 
 # The columns that identify each format's files (case is ignored). Benchmarks share column names: AdvBench's
 # goal and target are also JailbreakBench's, and JailbreakBench's Behavior (a short label such as "Fake
@@ -94,11 +95,61 @@ def import_records(fmt: str, path, label: str | None, columns: dict[str, str] | 
                         f"map any of: {', '.join(MAPPABLE_FIELDS)}")
     if label is not None and label.strip().lower() not in LABEL_ALIASES:
         raise DataError(f"--label {label!r} is not a label", f"use one of: {', '.join(LABELS)}")
-    defaults, default_label = _SPECS[fmt]
     path = Path(path)
-    source = source or fmt
+    found, rows = read_rows(path, file_kind(path, "json" if fmt in _JSON_FORMATS else "csv"))
+    return _records(fmt, path, found, rows, label, columns, source or fmt, special_tokens)
 
-    found, rows = _read(path)
+
+def detect_format(path) -> str:
+    """The benchmark format whose signature columns the file has, else the generic csv or jsonl."""
+    path = Path(path)
+    found, _ = read_rows(path, file_kind(path, "csv"))
+    return _detect(found, path) or _generic(path)
+
+
+def read_prompt_file(path, label: str) -> list[dict]:
+    """The `label` records of any prompt file es2 reads, for commands that take one directly (es2 evaluate).
+
+    Normalised JSONL is read as it is (es2.data.schema). Any other file is imported in the benchmark format its
+    columns show, else as a generic table with a `prompt` column (source: the file's name), or one prompt per
+    line (.txt). A file with its own label column (XSTest, a table with `label`) keeps its labels and only its
+    `label` rows are returned; the rows of any other file all get `label`, e.g. a StrongREJECT file given as
+    harmful prompts. A benchmark of harmful requests only (AdvBench, ...) given as the harmless set is refused.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in KINDS:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}",
+                        "use .jsonl, .json, .csv, .parquet or .txt (one prompt per line)")
+    found, rows = read_rows(path, KINDS[path.suffix.lower()])
+    if path.suffix.lower() == ".jsonl" and all(field in found for field in REQUIRED_FIELDS):
+        records = read_records(path)
+    else:
+        fmt = _detect(found, path) or _generic(path)  # detect_format's answer, from the rows read once
+        spec, holds_only = _SPECS[fmt]
+        own_labels = "label" in spec and _column(found, spec["label"]) is not None
+        if holds_only not in (None, label):  # e.g. AdvBench given as the benign set: a mistake, never a choice
+            raise DataError(f"{path}: {fmt} files hold {holds_only} prompts only; this one was given as the "
+                            f"{label} set",
+                            f"give it as the {holds_only} set, and a file of {label} prompts as the {label} set")
+        if _column(found, spec["prompt"]) is None:
+            flag = "" if own_labels else f" --label {label}"
+            raise DataError(f"{path}: no 'prompt' column and no benchmark's columns; columns found: {found}",
+                            f"convert it first and pass the result: es2 data import {fmt} {path}{flag} "
+                            "--columns prompt=COL --output prompts.jsonl")
+        source = path.stem if fmt in _GENERIC_FORMATS else fmt
+        records = _records(fmt, path, found, rows, None if own_labels else label, None, source, ())
+    chosen = [r for r in records if r["label"] == label]
+    if not chosen:
+        raise DataError(f"{path}: no {label} prompts; its labels are {sorted({r['label'] for r in records})}",
+                        f"pass a file that holds {label} prompts")
+    return chosen
+
+
+def _records(fmt: str, path: Path, found: list[str], rows: list[tuple[str, dict]], label: str | None,
+             columns: dict[str, str] | None, source: str, special_tokens: tuple[str, ...]) -> list[dict]:
+    """The records of rows read from `path` as `fmt` (import_records' arguments)."""
+    columns = columns or {}
+    defaults, default_label = _SPECS[fmt]
     if not rows:
         raise DataError(f"{path}: no data rows (only a header or an empty list)",
                         "point at the file that holds the records")
@@ -143,46 +194,6 @@ def import_records(fmt: str, path, label: str | None, columns: dict[str, str] | 
     return records
 
 
-def detect_format(path) -> str:
-    """The format whose signature columns the file's header (CSV) or keys (.json, .jsonl) match; a benchmark
-    format when one fits, else the generic csv or jsonl."""
-    found, _ = _read(Path(path))
-    return _detect(found, Path(path)) or _generic(Path(path))
-
-
-def read_prompt_file(path, label: str) -> list[dict]:
-    """The `label` records of any prompt file es2 reads, for commands that take one directly (es2 evaluate).
-
-    Normalised JSONL is read as it is (es2.data.schema). Any other file is imported in the benchmark format its
-    columns show, else as a generic table (a `prompt` column) or one prompt per line (.txt). A file with its own
-    label column (XSTest, a table with `label`) keeps its labels and only its `label` rows are returned; the
-    rows of any other file all get `label`, e.g. a StrongREJECT file given as harmful prompts. A benchmark of
-    harmful requests only (AdvBench, ...) given as the harmless set is refused.
-    """
-    path = Path(path)
-    if path.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet", ".txt"):
-        raise DataError(f"{path}: unknown file type {path.suffix!r}",
-                        "use .jsonl, .json, .csv, .parquet or .txt (one prompt per line)")
-    found, _ = _read(path)
-    if path.suffix.lower() == ".jsonl" and all(field in found for field in REQUIRED_FIELDS):
-        return [r for r in read_records(path) if r["label"] == label]
-    fmt = _detect(found, path) or _generic(path)
-    own_labels = _column(found, _SPECS[fmt][0].get("label", "")) is not None
-    holds_only = _SPECS[fmt][1]
-    if holds_only not in (None, label):  # e.g. AdvBench given as the benign set: a mistake, never a choice
-        raise DataError(f"{path}: {fmt} files hold {holds_only} prompts only; this one was given as the "
-                        f"{label} set",
-                        f"give it as the {holds_only} set, and a file of {label} prompts as the {label} set")
-    try:
-        records = import_records(fmt, path, None if own_labels else label)
-    except DataError as exc:
-        if "--columns" not in exc.hint:
-            raise
-        raise DataError(exc.problem, f"convert it first and pass the result: es2 data import {_generic(path)} "
-                                     f"{path} --label {label} --columns prompt=COL --output prompts.jsonl") from exc
-    return [r for r in records if r["label"] == label]
-
-
 def parse_column_mapping(spec: str) -> dict[str, str]:
     """Parse the --columns option, e.g. "prompt=question,category=topic", into {field: column}."""
     mapping = {}
@@ -202,101 +213,9 @@ def write_records(records: list[dict], output) -> int:
     return write_jsonl(output, records)
 
 
-def _read_text(path: Path) -> str:
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a file", "point at the data file inside it")
-    text = read_text(path)
-    if not text.strip():
-        raise DataError(f"{path}: file is empty", "point at the file that holds the records")
-    return text
-
-
-def _read(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
-    """The file's columns and (place, row) pairs, read the way its suffix says."""
-    suffix = path.suffix.lower()
-    if suffix in (".json", ".jsonl"):
-        return _read_json(path)
-    if suffix == ".parquet":
-        return _read_parquet(path)
-    if suffix == ".txt":
-        lines = [(n, line.strip()) for n, line in enumerate(_read_text(path).split("\n"), start=1)]
-        return ["prompt"], [(f"line {n}", {"prompt": text}) for n, text in lines if text]
-    return _read_csv(path)
-
-
-def _read_parquet(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
-    """A Parquet file, as the Hugging Face Hub serves every dataset. pyarrow is imported here, not above: it
-    takes longer to import than the rest of the CLI, and only Parquet files need it."""
-    import pyarrow
-    import pyarrow.parquet
-
-    if not path.is_file():
-        raise DataError(f"{path}: file not found", "check the path")
-    try:
-        table = pyarrow.parquet.read_table(path)
-    except pyarrow.ArrowException as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc})",
-                        "export the data as .csv or .jsonl, or point at the dataset's .parquet file") from exc
-    return table.column_names, [(f"row {n}", row) for n, row in enumerate(table.to_pylist(), start=1)]
-
-
 def _generic(path: Path) -> str:
     """The generic format for a file of this kind."""
     return "jsonl" if path.suffix.lower() in (".json", ".jsonl") else "csv"
-
-
-def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
-    """Return the header and (place, row) pairs; a place such as "row 3 (line 4)" locates errors, and a quoted
-    value spanning lines gives its row's first and last line, "row 3 (lines 4-6)"."""
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
-    rows = []
-    try:
-        header = [name.strip() for name in next(reader)]
-        first = reader.line_num + 1  # the line the next row starts on
-        for fields in reader:
-            lines = f"line {first}" if first == reader.line_num else f"lines {first}-{reader.line_num}"
-            first = reader.line_num + 1
-            if not any(field.strip() for field in fields):
-                continue
-            # More values than headers usually means an unquoted comma split a prompt in two.
-            if any(field.strip() for field in fields[len(header):]):
-                raise DataError(f"{path}: line {reader.line_num} has {len(fields)} values but the header "
-                                f"has {len(header)} columns", "quote values that contain commas")
-            rows.append((f"row {len(rows) + 1} ({lines})", dict(zip(header, fields))))
-    except csv.Error as exc:
-        raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({exc})",
-                        "save the file as standard comma-separated CSV") from exc
-    return header, rows
-
-
-def _read_json(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
-    """Read a JSON array of objects (Alpaca's own format) or JSON Lines; return columns and (place, row)."""
-    text = _read_text(path)
-    try:
-        parsed = json.loads(text)
-        items = parsed if isinstance(parsed, list) else [parsed]
-        places = [f"record {n}" for n in range(1, len(items) + 1)]
-    except json.JSONDecodeError as exc:
-        if text.lstrip().startswith("["):
-            raise DataError(f"{path}: line {exc.lineno} is not valid JSON ({json_error(exc)})",
-                            "fix the JSON array, or write one object per line (JSONL)") from exc
-        items, places = [], []
-        # Split on "\n" only: str.splitlines would also split inside strings holding U+2028 and similar.
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as line_exc:
-                raise DataError(f"{path}: line {lineno} is not valid JSON ({json_error(line_exc)})",
-                                "write one JSON object per line, or a single JSON array") from line_exc
-            places.append(f"line {lineno}")
-    for place, item in zip(places, items):
-        if not isinstance(item, dict):
-            raise DataError(f"{path}: {place} is a JSON {type(item).__name__}, not an object",
-                            "each record must be an object such as {\"prompt\": \"...\"}")
-    found = list(dict.fromkeys(key for item in items for key in item))
-    return found, list(zip(places, items))
 
 
 def _detect(found: list[str], path: Path) -> str | None:
