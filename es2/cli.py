@@ -107,8 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path(stage("evaluate").out_dir))
 
     judge = add(sub, "judge", "judge", "say for each response whether it is a refusal (true) or complies (false)")
-    judge.add_argument("responses", help="JSONL or CSV with columns prompt and response (others are kept); "
-                                         "or `train` to rebuild the semantic judge's head")
+    judge.add_argument("responses", help="JSONL, JSON, CSV or Parquet with columns prompt and response (others "
+                                         "are kept); or `train` to rebuild the semantic judge's head")
+    judge.add_argument("--columns", help="the file's names for them, e.g. prompt=forbidden_prompt,response=output")
     judge.add_argument("--out", type=Path, help="judged JSONL (adds judge/<name>); with train: the head file "
                                                  "(default: the packaged head)")
     judge.add_argument("--judges", default="jbb,qi,semantic", help="comma list of jbb, qi, semantic "
@@ -310,13 +311,15 @@ def _judge_or_results(args) -> int:
         return 0
     if args.out is None:
         raise ES2Error("es2 judge needs --out", "add --out judged.jsonl")
+    from es2.data.importers import parse_column_mapping
     from es2.judges import get_judge
     from es2.stages.judge import judge_file
 
     judges = {name: get_judge(name) for name in args.judges.split(",") if name}
     if args.judge_model:
         judges["generative"] = get_judge("generative", path=args.judge_model, template=args.template)
-    for name, (refusals, n) in judge_file(args.responses, args.out, judges).items():
+    columns = parse_column_mapping(args.columns) if args.columns else None
+    for name, (refusals, n) in judge_file(args.responses, args.out, judges, columns).items():
         print(f"{name:10s} refusals {refusals} of {n} ({refusals / n:.1%})")
     print(f"wrote {args.out}")
     return 0
