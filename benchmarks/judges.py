@@ -134,9 +134,10 @@ def main() -> None:
         if path.exists():
             rows = unseen(read_jsonl(path), head["provenance"], path.name, trained_prompts)
             # by request kind where a set has both kinds, else by category (judge_sensitive_words: all benign)
-            by_request = len({r.get("request") for r in rows}) > 1
+            by_request = len({r.get("request") for r in rows}) > 1  # else by category (all benign)
+            field, label = ("request", "{} requests") if by_request else ("category", "{}")
             verdicts = report_with_subsets(f"{path.name} (a benchmark only, never trained on)", rows, judges,
-                                           *(("request", "{} requests") if by_request else ("category", "{}")))
+                                           field, label)
             if rows and all("model" in r for r in rows):
                 rates_by_model(rows, verdicts)  # the verdicts above: each answer is judged once
         else:

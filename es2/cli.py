@@ -107,9 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path(stage("evaluate").out_dir))
 
     judge = add(sub, "judge", "judge", "say for each response whether it is a refusal (true) or complies (false)")
-    judge.add_argument("responses", help="JSONL, JSON, CSV or Parquet with columns prompt and response (others "
-                                         "are kept); or `train` to rebuild the semantic judge's head")
-    judge.add_argument("--columns", help="the file's names for them, e.g. prompt=forbidden_prompt,response=output")
+    judge.add_argument("responses", help="JSONL, JSON, CSV or Parquet with columns prompt and response "
+                                         "(others are kept); or `train` to rebuild the semantic judge's head")
+    judge.add_argument("--columns", help="the file's names for prompt and response, e.g. "
+                                         "prompt=forbidden_prompt,response=output")
     judge.add_argument("--out", type=Path, help="judged JSONL (adds judge/<name>); with train: the head file "
                                                  "(default: the packaged head)")
     judge.add_argument("--judges", default="jbb,qi,semantic", help="comma list of jbb, qi, semantic "

@@ -1,6 +1,7 @@
 """`es2 judge`: any responses file in, one verdict per judge out; bad files get a clear error."""
 
 import csv
+import datetime
 import json
 
 import numpy as np
@@ -43,12 +44,17 @@ def test_csv_with_a_byte_order_mark_and_the_default_judges(tmp_path):
     ("a.jsonl", '{"prompt": "p"}\n', "missing column.*response; found prompt"),
     ("a.csv", "question,answer\nq,a\n", "missing column.*prompt, response; found question, answer"),
     ("a.jsonl", "not json\n", "line 1 is not valid JSON"),
-    ("a.txt", "x", "unknown file type"),
-    ("a.jsonl", '{"prompt": "p", "response": null}\n', "record 1 has no text in prompt or response"),
+    ("a.txt", "x", "holds prompts only"),
+    ("a.xlsx", "x", "unknown file type .xlsx"),
+    ("a.jsonl", '{"prompt": "p", "response": null}\n', "record 1: column 'response' holds NoneType, not text"),
+    ("a.csv", "prompt,response,id\np,r,1\n", None),
 ])
 def test_bad_files_name_the_problem(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
+    if message is None:  # the control: the same reader takes a good file
+        assert read_responses(path) == [{"prompt": "p", "response": "r", "id": "1"}]
+        return
     with pytest.raises(DataError, match=message):
         read_responses(path)
 
@@ -74,6 +80,14 @@ def test_other_column_names_json_and_parquet(tmp_path, capsys):
                        {"prompt": "forbidden_prompt"})
     with pytest.raises(DataError, match="--columns names \\['label'\\]"):
         read_responses(array, {"label": "output"})
+    dated = tmp_path / "dated.parquet"  # a column JSON cannot hold is carried through as text
+    pyarrow.parquet.write_table(pyarrow.table({"prompt": ["p"], "response": ["r"],
+                                               "day": [datetime.date(2026, 12, 7)]}), dated)
+    assert main(["judge", str(dated), "--out", str(tmp_path / "d.jsonl"), "--judges", "jbb"]) == 0
+    assert json.loads((tmp_path / "d.jsonl").read_text())["day"] == "2026-12-07"
+    both = _jsonl(tmp_path / "b.jsonl", [{"prompt": "wrapped p", "question": "p", "response": "r"}])
+    with pytest.raises(DataError, match="reads question as prompt, but the file has its own prompt column"):
+        read_responses(both, {"prompt": "question"})
 
 
 def test_non_utf8_and_missing_files(tmp_path, capsys):

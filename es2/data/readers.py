@@ -109,7 +109,10 @@ def _read_parquet(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
     except pyarrow.ArrowException as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})",
                         "export the data as .csv or .jsonl, or point at the dataset's .parquet file") from exc
-    return table.column_names, [(f"row {n}", row) for n, row in enumerate(table.to_pylist(), start=1)]
+    # dates, bytes and decimals become text: the rows are written back out as JSON (es2 judge keeps every column)
+    rows = [{key: value if isinstance(value, (str, int, float, bool, list, dict, type(None))) else str(value)
+             for key, value in row.items()} for row in table.to_pylist()]
+    return table.column_names, [(f"row {n}", row) for n, row in enumerate(rows, start=1)]
 
 
 def _read_lines(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:

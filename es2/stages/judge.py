@@ -2,9 +2,10 @@
 
 RESPONSES is a .jsonl, .json, .csv or .parquet file (es2.data.readers) with columns `prompt` and `response`,
 or other names for them given as `--columns prompt=COL,response=COL` (StrongREJECT's outputs name the prompt
-`forbidden_prompt`); every other column is carried through and each judge adds `judge/<name>` (true = refusal, full or partial). Harm judges (generative, classifier) also add
-`judge/<name>_harmful`; for them a refusal is a response they do not call harmful. An empty response is
-allowed: jbb calls it compliance, qi and semantic a refusal (see each judge's module).
+`forbidden_prompt`); every other column is carried through and each judge adds `judge/<name>` (true = refusal,
+full or partial). Harm judges (generative, classifier) also add `judge/<name>_harmful`; for them a refusal is
+a response they do not call harmful. An empty response is allowed: jbb calls it compliance, qi and semantic a
+refusal (see each judge's module).
 
 Training data of the semantic head (recorded in head.json's provenance):
   - `es2/resources/judge/responses_train.jsonl`: labelled responses written for this project (refusals of many
@@ -28,7 +29,7 @@ import hashlib
 from importlib import resources
 from pathlib import Path
 
-from es2.data.readers import KINDS, read_rows
+from es2.data.readers import file_kind, read_rows
 from es2.errors import DataError
 from es2.io import write_json, write_jsonl
 
@@ -39,31 +40,38 @@ DEFAULT_PYRIT = Path("../shared/datasets/pyrit_scorer_evals")  # the development
 
 
 def read_responses(path: str | Path, columns: dict[str, str] | None = None) -> list[dict]:
-    """Rows of a responses file, each with its `prompt` and `response` (read from the columns `columns` names,
-    when given); DataError naming the problem for anything else."""
-    path = Path(path)
-    kind = KINDS.get(path.suffix.lower())
-    if kind in (None, "lines"):
-        raise DataError(f"{path}: unknown file type {path.suffix or '(none)'}",
-                        "give a .jsonl, .json, .csv or .parquet file with columns prompt and response")
-    names = {field: (columns or {}).get(field, field) for field in REQUIRED}
-    unknown = sorted(set(columns or {}) - set(REQUIRED))
+    """Rows of a responses file, each with its `prompt` and `response`: the file's own columns of those names, or
+    copies of the columns `columns` names; DataError naming the problem for anything else."""
+    columns = columns or {}
+    unknown = sorted(set(columns) - set(REQUIRED))
     if unknown:
         raise DataError(f"--columns names {unknown}, which es2 judge does not read", "map prompt and response only")
+    path = Path(path)
+    kind = file_kind(path, "unknown")
+    if kind not in ("csv", "json", "parquet"):
+        problem = "holds prompts only" if kind == "lines" else f"unknown file type {path.suffix or '(none)'}"
+        raise DataError(f"{path}: {problem}", "give a .jsonl, .json, .csv or .parquet file of prompts and responses")
     found, rows = read_rows(path, kind)
     if not rows:
         raise DataError(f"{path}: no rows", "write one row per response with prompt and response")
+    names = {field: columns.get(field, field) for field in REQUIRED}
     missing = [names[field] for field in REQUIRED if names[field] not in found]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, found))}",
                         "name the file's columns with --columns prompt=COL,response=COL")
+    # the copies are written back out beside the file's columns: one of the same name would be overwritten
+    clash = [field for field in REQUIRED if names[field] != field and field in found]
+    if clash:
+        raise DataError(f"{path}: --columns reads {', '.join(names[f] for f in clash)} as {', '.join(clash)}, "
+                        f"but the file has its own {', '.join(clash)} column", "rename one of the two columns")
     judged = []
     for where, row in rows:
-        values = {field: row.get(names[field]) for field in REQUIRED}
-        if not all(isinstance(value, str) for value in values.values()):
-            raise DataError(f"{path}: {where} has no text in {' or '.join(names.values())}",
-                            "give every row a prompt and a response (an empty response is \"\")")
-        judged.append({**row, **values})
+        for field in REQUIRED:
+            if not isinstance(row.get(names[field]), str):
+                raise DataError(f"{path}: {where}: column {names[field]!r} holds "
+                                f"{type(row.get(names[field])).__name__}, not text",
+                                "give every row a prompt and a response as text (an empty response is \"\")")
+        judged.append({**row, **{field: row[names[field]] for field in REQUIRED}})
     return judged
 
 
