@@ -145,6 +145,25 @@ def read_prompt_file(path, label: str) -> list[dict]:
     return chosen
 
 
+def parse_column_mapping(spec: str) -> dict[str, str]:
+    """Parse the --columns option, e.g. "prompt=question,category=topic", into {field: column}."""
+    mapping = {}
+    for item in spec.split(","):
+        field, equals, column = (part.strip() for part in item.partition("="))
+        if not (equals and field and column):
+            raise DataError(f"--columns {spec!r}: {item.strip()!r} is not FIELD=COLUMN",
+                            "write e.g. --columns prompt=question,category=topic")
+        if field in mapping:
+            raise DataError(f"--columns {spec!r}: field {field!r} is mapped twice", "map each field once")
+        mapping[field] = column
+    return mapping
+
+
+def write_records(records: list[dict], output) -> int:
+    """Write records as JSONL atomically (an existing file is replaced only on success); return the count."""
+    return write_jsonl(output, records)
+
+
 def _records(fmt: str, path: Path, found: list[str], rows: list[tuple[str, dict]], label: str | None,
              columns: dict[str, str] | None, source: str, special_tokens: tuple[str, ...]) -> list[dict]:
     """The records of rows read from `path` as `fmt` (import_records' arguments)."""
@@ -192,25 +211,6 @@ def _records(fmt: str, path: Path, found: list[str], rows: list[tuple[str, dict]
             record["category"] = XSTEST_CATEGORY[record["label"]]
         records.append(record)
     return records
-
-
-def parse_column_mapping(spec: str) -> dict[str, str]:
-    """Parse the --columns option, e.g. "prompt=question,category=topic", into {field: column}."""
-    mapping = {}
-    for item in spec.split(","):
-        field, equals, column = (part.strip() for part in item.partition("="))
-        if not (equals and field and column):
-            raise DataError(f"--columns {spec!r}: {item.strip()!r} is not FIELD=COLUMN",
-                            "write e.g. --columns prompt=question,category=topic")
-        if field in mapping:
-            raise DataError(f"--columns {spec!r}: field {field!r} is mapped twice", "map each field once")
-        mapping[field] = column
-    return mapping
-
-
-def write_records(records: list[dict], output) -> int:
-    """Write records as JSONL atomically (an existing file is replaced only on success); return the count."""
-    return write_jsonl(output, records)
 
 
 def _generic(path: Path) -> str:
