@@ -102,7 +102,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "its own labels (XSTest) gives its harmless rows")
     ev.add_argument("--baseline", default="params", help="model to compare with; 'none' for no comparison")
     ev.add_argument("--attacks", help="comma list of: direct,template,prefill,injection,scav,repe,softprompt,gcg")
-    ev.add_argument("--limit", type=int, help="harmful prompts attacked (and at most as many benign ones)")
+    ev.add_argument("--limit", type=int, help="harmful prompts attacked (and at most as many benign ones, unless "
+                                              "--benign-limit says how many)")
+    ev.add_argument("--benign-limit", type=int, help="benign prompts answered (default: evaluate.benign_limit)")
     ev.add_argument("--compare", help="comma list of further models shown side by side (default: evaluate.compare)")
     ev.add_argument("--out", type=Path, default=Path(stage("evaluate").out_dir))
 
@@ -208,7 +210,7 @@ def _evaluate(args, params) -> int:
         params = load_params(args.params, (*args.overrides, f"evaluate.attacks={attacks}"))
     baseline = None if args.baseline == "none" else args.baseline
     metrics = run_evaluate(params, args.out, args.model, baseline, args.harmful, args.benign, None, args.limit,
-                           args.compare.split(",") if args.compare else None)
+                           args.compare.split(",") if args.compare else None, args.benign_limit)
     headline = json.loads((Path(args.out) / "headline.json").read_text(encoding="utf-8"))
     print(summary_text(metrics, [HeadlineRow(**r) for r in headline["rows"]], headline["verdict"],
                        params.registry.gates.alpha, params.evaluate.headline_judge,

@@ -102,9 +102,10 @@ def _spans(params: Params, cfg, harmful_rows: list[dict], grid) -> dict[str, lis
 def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir, model: str | None = None,
                  baseline: str | None = "params", harmful: str | None = None, benign: str | None = None,
                  attacks: list[str] | None = None, limit: int | None = None,
-                 compare: list[str] | None = None) -> dict:
+                 compare: list[str] | None = None, benign_limit: int | None = None) -> dict:
     """Evaluate `model` (and `baseline`, when given, and each `compare` model: default evaluate.compare) and
-    write the report; returns the flat metrics."""
+    write the report; returns the flat metrics. `limit` caps the benign prompts too, unless `benign_limit`
+    says how many."""
     import torch
 
     from es2.capability import greedy_agreement, load_mc_csv, mmlu_sample_path, per_token_kl
@@ -119,7 +120,7 @@ def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir
     from es2.stages.suite import evaluate_one, perturbation_grid
 
     overrides = {"attacks": attacks, "limit": limit,
-                 "benign_limit": min(limit, params.evaluate.benign_limit) if limit else None}
+                 "benign_limit": benign_limit or (min(limit, params.evaluate.benign_limit) if limit else None)}
     cfg = params.evaluate.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
