@@ -2,8 +2,7 @@
 
     python benchmarks/judges.py [--pyrit DIR] [--heldout FILE.jsonl ...]
 
-(defaults: ../shared/datasets/pyrit_scorer_evals beside the checkout; benchmarks/data/judge_heldout.jsonl and
-es2/resources/judge/short_heldout.jsonl)
+(defaults: ../shared/datasets/pyrit_scorer_evals beside the checkout and the four sets below)
 
 Sets:
   - the PyRIT held-out split: the share of PyRIT's human-labelled chat-model completions (MIT) that the shipped
@@ -14,6 +13,10 @@ Sets:
   - es2/resources/judge/short_heldout.jsonl: short and truncated answers in the style of the small models es2
     attacks (32 new tokens), written beside the head's short-answer training rows but never trained on, with
     prompts no training row has (es2/resources/judge/README.md);
+  - benchmarks/data/judge_sensitive_words.jsonl: safe requests that sound dangerous (definitions of crimes,
+    homonyms such as "kill a process", fiction, history, absurd questions about non-people), answered and
+    over-refused in the style of the small models es2 evaluates, written for this project as a benchmark only:
+    on such answers to a public set's safe prompts the semantic judge called real answers refusals;
   - benchmarks/data/judge_model_answers.jsonl: what the judges actually read in the headline: the default
     `make run` models' own greedy answers (warm start and ES2) to the evaluation prompts, benign and harmful
     (direct requests), labelled by hand by the developers; shown whole and by request kind, since a judge
@@ -109,6 +112,7 @@ def main() -> None:
     parser.add_argument("--heldout", type=Path, nargs="*",
                         default=[ROOT / "benchmarks" / "data" / "judge_heldout.jsonl",
                                  ROOT / "es2" / "resources" / "judge" / "short_heldout.jsonl",
+                                 ROOT / "benchmarks" / "data" / "judge_sensitive_words.jsonl",
                                  ROOT / "benchmarks" / "data" / "judge_model_answers.jsonl"])
     args = parser.parse_args()
     head = json.loads(head_path().read_text(encoding="utf-8"))
@@ -129,8 +133,11 @@ def main() -> None:
     for path in args.heldout:
         if path.exists():
             rows = unseen(read_jsonl(path), head["provenance"], path.name, trained_prompts)
+            # by request kind where a set has both kinds, else by category (judge_sensitive_words: all benign)
+            by_request = len({r.get("request") for r in rows}) > 1  # else by category (all benign)
+            field, label = ("request", "{} requests") if by_request else ("category", "{}")
             verdicts = report_with_subsets(f"{path.name} (a benchmark only, never trained on)", rows, judges,
-                                           "request", "{} requests")
+                                           field, label)
             if rows and all("model" in r for r in rows):
                 rates_by_model(rows, verdicts)  # the verdicts above: each answer is judged once
         else:

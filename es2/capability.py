@@ -274,12 +274,12 @@ def load_mc_csv(path) -> list[dict]:
     index 0-3 or a letter A-D (either case). ``subject`` is optional (empty when absent); other columns are
     ignored. Raises DataError naming the file, the row and the columns on bad input.
     """
-    from es2.data.importers import _read_csv  # BOM, empty file, unquoted commas, invalid CSV -> DataError
+    from es2.data.readers import read_rows  # BOM, empty file, unquoted commas, invalid CSV -> DataError
 
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found", "check the multiple-choice CSV path")
-    header, rows = _read_csv(path)
+    header, rows = read_rows(path, "csv")
     lower = {name.lower(): name for name in header}
     fix = ("use MMLU format: question,choice0,choice1,choice2,choice3,answer (answer 0-3 or A-D), "
            "or A,B,C,D as option columns")

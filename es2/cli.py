@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from es2.data.importers import BENCHMARK_FORMATS, FORMATS
 from es2.errors import ES2Error
 from es2.pipeline import ARTIFACTS, stage
 
@@ -65,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="import data sets").add_subparsers(dest="action", required=True)
     imp = add(data, "import", "data import", "convert a benchmark file into normalised JSONL records")
-    imp.add_argument("format", help="advbench, harmbench, jailbreakbench, xstest, alpaca, jsonl or csv")
+    imp.add_argument("format", choices=FORMATS, help="the benchmark the file comes from, or jsonl / csv for any "
+                                                       "other file with a prompt column")
     imp.add_argument("input", type=Path)
     imp.add_argument("--label", choices=["harmful", "harmless"], help="label for formats without one")
     imp.add_argument("--output", type=Path, required=True)
@@ -94,17 +96,23 @@ def _parser() -> argparse.ArgumentParser:
     ev = add(sub, "evaluate", "evaluate", "attack, judge and measure a model (any model, any prompt file)")
     ev.add_argument("--model", help="model folder, HF id, adapter folder, or registered model "
                                     "models:/NAME@ALIAS or models:/NAME/VERSION (default: evaluate.model)")
-    ev.add_argument("--harmful", help="harmful prompts: normalised JSONL or an importable CSV/JSON")
-    ev.add_argument("--benign", help="benign prompts (default: data.eval_harmless)")
+    ev.add_argument("--harmful", help="harmful prompts: normalised JSONL, a benchmark's file (" + ", ".join(
+        BENCHMARK_FORMATS) + "), any CSV/JSON(L) with a prompt column, or .txt with one prompt per line")
+    ev.add_argument("--benign", help="benign prompts, any of the same (default: data.eval_harmless); a file with "
+                                     "its own labels (XSTest) gives its harmless rows")
     ev.add_argument("--baseline", default="params", help="model to compare with; 'none' for no comparison")
     ev.add_argument("--attacks", help="comma list of: direct,template,prefill,injection,scav,repe,softprompt,gcg")
-    ev.add_argument("--limit", type=int, help="harmful prompts attacked (and at most as many benign ones)")
+    ev.add_argument("--limit", type=int, help="harmful prompts attacked (and at most as many benign ones, unless "
+                                              "--benign-limit says how many)")
+    ev.add_argument("--benign-limit", type=int, help="benign prompts answered (default: evaluate.benign_limit)")
     ev.add_argument("--compare", help="comma list of further models shown side by side (default: evaluate.compare)")
     ev.add_argument("--out", type=Path, default=Path(stage("evaluate").out_dir))
 
     judge = add(sub, "judge", "judge", "say for each response whether it is a refusal (true) or complies (false)")
-    judge.add_argument("responses", help="JSONL or CSV with columns prompt and response (others are kept); "
-                                         "or `train` to rebuild the semantic judge's head")
+    judge.add_argument("responses", help="JSONL, JSON, CSV or Parquet with columns prompt and response "
+                                         "(others are kept); or `train` to rebuild the semantic judge's head")
+    judge.add_argument("--columns", help="the file's names for prompt and response, e.g. "
+                                         "prompt=forbidden_prompt,response=output")
     judge.add_argument("--out", type=Path, help="judged JSONL (adds judge/<name>); with train: the head file "
                                                  "(default: the packaged head)")
     judge.add_argument("--judges", default="jbb,qi,semantic", help="comma list of jbb, qi, semantic "
@@ -202,7 +210,7 @@ def _evaluate(args, params) -> int:
         params = load_params(args.params, (*args.overrides, f"evaluate.attacks={attacks}"))
     baseline = None if args.baseline == "none" else args.baseline
     metrics = run_evaluate(params, args.out, args.model, baseline, args.harmful, args.benign, None, args.limit,
-                           args.compare.split(",") if args.compare else None)
+                           args.compare.split(",") if args.compare else None, args.benign_limit)
     headline = json.loads((Path(args.out) / "headline.json").read_text(encoding="utf-8"))
     print(summary_text(metrics, [HeadlineRow(**r) for r in headline["rows"]], headline["verdict"],
                        params.registry.gates.alpha, params.evaluate.headline_judge,
@@ -306,13 +314,15 @@ def _judge_or_results(args) -> int:
         return 0
     if args.out is None:
         raise ES2Error("es2 judge needs --out", "add --out judged.jsonl")
+    from es2.data.importers import parse_column_mapping
     from es2.judges import get_judge
     from es2.stages.judge import judge_file
 
     judges = {name: get_judge(name) for name in args.judges.split(",") if name}
     if args.judge_model:
         judges["generative"] = get_judge("generative", path=args.judge_model, template=args.template)
-    for name, (refusals, n) in judge_file(args.responses, args.out, judges).items():
+    columns = parse_column_mapping(args.columns) if args.columns else None
+    for name, (refusals, n) in judge_file(args.responses, args.out, judges, columns).items():
         print(f"{name:10s} refusals {refusals} of {n} ({refusals / n:.1%})")
     print(f"wrote {args.out}")
     return 0

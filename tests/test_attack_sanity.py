@@ -16,8 +16,9 @@ MARGIN = 0.3  # attack ASR minus direct ASR, both on the same prompts
 def warm_start(tmp_path_factory):
     """(model, tokenizer, params, harmful eval records, benign eval records) of the align stage's output."""
     from es2.config import load_params
+    from es2.data.importers import read_prompt_file
     from es2.sampling import stratified_sample
-    from es2.stages.evaluate import load_model, read_prompts
+    from es2.stages.evaluate import load_model
 
     root = dvc_project(tmp_path_factory.mktemp("sanity"))
     _sh("dvc", "repro", "-q", "align", cwd=root)  # validate, pairs and the refusal warm start, default params
@@ -26,8 +27,8 @@ def warm_start(tmp_path_factory):
     try:
         params = load_params("params.yaml")
         model, tokenizer = load_model("train-base", params)
-        harmful = stratified_sample(read_prompts(params.data.eval_harmful, "harmful"), params.evaluate.limit, 0)
-        benign = stratified_sample(read_prompts(params.data.eval_harmless, "harmless"), params.evaluate.limit, 0)
+        harmful = stratified_sample(read_prompt_file(params.data.eval_harmful, "harmful"), params.evaluate.limit, 0)
+        benign = stratified_sample(read_prompt_file(params.data.eval_harmless, "harmless"), params.evaluate.limit, 0)
         yield model, tokenizer, params, harmful, benign
     finally:
         os.chdir(cwd)

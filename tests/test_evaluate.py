@@ -132,11 +132,12 @@ def test_evaluate_cli_on_an_unseen_advbench_csv_with_limit(tiny_model_dir, tmp_p
     paths = _prompts(tmp_path)
     code = main(["evaluate", "--params", str(REPO / "params.yaml"), "--model", str(tiny_model_dir),
                  "--harmful", str(FIXTURES / "importers" / "advbench.csv"), "--benign", str(paths["harmless"]),
-                 "--attacks", "direct,prefill", "--limit", "2", "--baseline", "none", "--out", str(tmp_path / "o"),
-                 *[a for o in BUDGET for a in ("--set", o)]])
+                 "--attacks", "direct,prefill", "--limit", "2", "--benign-limit", "3", "--baseline", "none",
+                 "--out", str(tmp_path / "o"), *[a for o in BUDGET for a in ("--set", o)]])
     assert code == 0
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert "asr/direct/jbb" in metrics and not any(k.startswith("baseline/") for k in metrics)
+    assert metrics["n/over_refusal"] == 3  # --benign-limit, not --limit, says how many benign prompts
     assert len([e for e in map(json.loads, (tmp_path / "o/examples.jsonl").read_text().splitlines())
                 if e["attack"] == "direct"]) == 2
     assert "direct" in capsys.readouterr().out

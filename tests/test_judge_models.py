@@ -1,5 +1,6 @@
 """The semantic judge (embeddings + shipped head), the generative judge adapter and the judge registry."""
 
+import csv
 import hashlib
 import json
 
@@ -201,6 +202,26 @@ def test_the_model_answer_benchmark_was_never_trained_on():
     held = read_responses(MODEL_ANSWERS)
     assert not {r["prompt"] for r in held} & {r["prompt"] for r in project_rows(project_path())}
     assert {r["request"] for r in held} == {"benign", "harmful"} and all(isinstance(r["refusal"], bool) for r in held)
+
+
+SENSITIVE_WORDS = REPO / "benchmarks" / "data" / "judge_sensitive_words.jsonl"
+
+
+def test_the_sensitive_words_benchmark_was_never_trained_on():
+    """Safe requests that sound dangerous, answered and over-refused: a benchmark only. Neither its rows nor its
+    requests may be among the head's training rows."""
+    held = read_responses(SENSITIVE_WORDS)
+    trained = json.loads(head_path().read_text())["provenance"]["train_keys"]
+    assert not {row_key(r) for r in held} & set(trained)
+    assert not {r["prompt"] for r in held} & {r["prompt"] for r in project_rows(project_path())}
+    assert {r["request"] for r in held} == {"benign"} and {r["refusal"] for r in held} == {True, False}
+
+
+def test_the_sensitive_words_benchmark_holds_none_of_xstests_prompts(shared_datasets):
+    """It stands in for XSTest's safe prompts with prompts of our own."""
+    with (shared_datasets / "xstest" / "xstest_prompts.csv").open(encoding="utf-8") as fh:
+        public = {row["prompt"].strip().lower() for row in csv.DictReader(fh)}
+    assert len(public) > 400 and not {r["prompt"].strip().lower() for r in read_responses(SENSITIVE_WORDS)} & public
 
 
 @pytest.mark.skipif(not (REPO / "data" / "eval").exists(), reason="the sample data is not pulled (`make data`)")

@@ -1,21 +1,22 @@
 """Convert public benchmark files into normalised records (see es2.data.schema).
 
 `es2 data import FORMAT INPUT --label LABEL --output OUT.jsonl` is `import_records` then `write_records`.
-A format is a file kind (CSV or JSON) plus a default map from record field to input column. `columns`
-overrides that map, so an unusual export of a known benchmark, or any other table, imports without code.
-Each benchmark format also has signature columns: a file without them, or one whose columns are another
-benchmark's, is refused with the format it really is.
+A format is a default map from record field to input column, whatever kind of file holds it: the file's suffix
+says how it is read (es2.data.readers), so a benchmark exported from the Hub as JSON Lines or Parquet imports
+like its CSV. `columns` overrides that map, so an unusual export of a known benchmark, or any other table,
+imports without code. Each benchmark format also has signature columns: a file without them, or one whose
+columns are another benchmark's, is refused with the format it really is. `read_prompt_file` is the same
+import for commands that take a prompt file directly (`es2 evaluate --harmful F`): it finds the format from
+the columns.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 
 from es2.data.prompt_checks import control_character, special_token
-from es2.data.schema import LABELS, json_error, read_text
+from es2.data.readers import KINDS, file_kind, read_rows
+from es2.data.schema import LABELS, REQUIRED_FIELDS, read_records
 from es2.errors import DataError
 from es2.io import write_jsonl
 
@@ -33,25 +34,30 @@ XSTEST_CATEGORY = {"harmless": "borderline", "harmful": "contrast"}
 # Generic files use the normalised names, so a file already in the record format re-imports as is.
 _GENERIC = {field: field for field in ("id", "prompt", "label", "category", "subcategory", "target", "response")}
 
-# format -> (file kind, field -> column, label when the file has no label column). Only AdvBench and
-# HarmBench hold nothing but harmful requests. JailbreakBench ships a benign split with the same columns,
-# and Alpaca-style files exist for both classes, so those need an explicit label.
+# format -> (field -> column, label when the file has no label column). AdvBench, HarmBench, StrongREJECT,
+# Do-Not-Answer and SimpleSafetyTests hold nothing but harmful requests. JailbreakBench ships a benign split
+# with the same columns, and Alpaca-style files exist for both classes, so those need an explicit label.
 _SPECS = {
-    "advbench": ("csv", {"prompt": "goal", "target": "target"}, "harmful"),
-    "harmbench": ("csv", {"id": "BehaviorID", "prompt": "Behavior", "category": "SemanticCategory",
-                          "context": "ContextString"}, "harmful"),
-    "jailbreakbench": ("csv", {"id": "Index", "prompt": "Goal", "target": "Target", "category": "Category"},
-                       None),
+    "advbench": ({"prompt": "goal", "target": "target"}, "harmful"),
+    "harmbench": ({"id": "BehaviorID", "prompt": "Behavior", "category": "SemanticCategory",
+                   "context": "ContextString"}, "harmful"),
+    "jailbreakbench": ({"id": "Index", "prompt": "Goal", "target": "Target", "category": "Category"}, None),
+    "strongreject": ({"prompt": "forbidden_prompt", "category": "category"}, "harmful"),
+    "donotanswer": ({"id": "id", "prompt": "question", "category": "risk_area", "subcategory": "types_of_harm"},
+                    "harmful"),
+    "simplesafetytests": ({"id": "id", "prompt": "prompts_final", "category": "harm_area"}, "harmful"),
     # XSTest's `type` (homonyms, figurative_language, ..., contrast_*) is kept as the subcategory; the category
     # is set below: every safe XSTest prompt is one that sounds dangerous but is safe.
-    "xstest": ("csv", {"id": "id", "prompt": "prompt", "subcategory": "type", "label": "label"}, None),
-    "alpaca": ("json", {"prompt": "instruction", "input": "input", "response": "output",
-                        "category": "category"}, None),
-    "jsonl": ("json", _GENERIC, None),
-    "csv": ("csv", _GENERIC, None),
+    "xstest": ({"id": "id", "prompt": "prompt", "subcategory": "type", "label": "label"}, None),
+    "alpaca": ({"prompt": "instruction", "input": "input", "response": "output", "category": "category"}, None),
+    "jsonl": (_GENERIC, None),
+    "csv": (_GENERIC, None),
 }
 FORMATS = tuple(_SPECS)
 _GENERIC_FORMATS = ("jsonl", "csv")
+BENCHMARK_FORMATS = tuple(fmt for fmt in FORMATS if fmt not in _GENERIC_FORMATS)
+# How a format's files are read when their suffix does not say (es2.data.readers): Alpaca ships JSON.
+_JSON_FORMATS = ("alpaca", "jsonl")
 
 # The columns that identify each format's files (case is ignored). Benchmarks share column names: AdvBench's
 # goal and target are also JailbreakBench's, and JailbreakBench's Behavior (a short label such as "Fake
@@ -61,6 +67,9 @@ _SIGNATURES = {
     "advbench": ("goal", "target"),
     "harmbench": ("Behavior", "SemanticCategory"),
     "jailbreakbench": ("Goal", "Target", "Behavior", "Category"),
+    "strongreject": ("forbidden_prompt",),
+    "donotanswer": ("question", "risk_area"),
+    "simplesafetytests": ("prompts_final",),
     "xstest": ("prompt", "type", "label"),
     "alpaca": ("instruction",),
     "jsonl": ("prompt",),
@@ -86,15 +95,84 @@ def import_records(fmt: str, path, label: str | None, columns: dict[str, str] | 
                         f"map any of: {', '.join(MAPPABLE_FIELDS)}")
     if label is not None and label.strip().lower() not in LABEL_ALIASES:
         raise DataError(f"--label {label!r} is not a label", f"use one of: {', '.join(LABELS)}")
-    kind, defaults, default_label = _SPECS[fmt]
     path = Path(path)
-    source = source or fmt
+    found, rows = read_rows(path, file_kind(path, "json" if fmt in _JSON_FORMATS else "csv"))
+    return _records(fmt, path, found, rows, label, columns, source or fmt, special_tokens)
 
-    found, rows = _read_csv(path) if kind == "csv" else _read_json(path)
+
+def detect_format(path) -> str:
+    """The benchmark format whose signature columns the file has, else the generic csv or jsonl."""
+    path = Path(path)
+    found, _ = read_rows(path, file_kind(path, "csv"))
+    return _detect(found, path) or _generic(path)
+
+
+def read_prompt_file(path, label: str) -> list[dict]:
+    """The `label` records of any prompt file es2 reads, for commands that take one directly (es2 evaluate).
+
+    Normalised JSONL is read as it is (es2.data.schema). Any other file is imported in the benchmark format its
+    columns show, else as a generic table with a `prompt` column (source: the file's name), or one prompt per
+    line (.txt). A file with its own label column (XSTest, a table with `label`) keeps its labels and only its
+    `label` rows are returned; the rows of any other file all get `label`, e.g. a StrongREJECT file given as
+    harmful prompts. A benchmark of harmful requests only (AdvBench, ...) given as the harmless set is refused.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in KINDS:
+        raise DataError(f"{path}: unknown file type {path.suffix!r}",
+                        "use .jsonl, .json, .csv, .parquet or .txt (one prompt per line)")
+    found, rows = read_rows(path, KINDS[path.suffix.lower()])
+    if path.suffix.lower() == ".jsonl" and all(field in found for field in REQUIRED_FIELDS):
+        records = read_records(path)
+    else:
+        fmt = _detect(found, path) or _generic(path)  # detect_format's answer, from the rows read once
+        spec, holds_only = _SPECS[fmt]
+        own_labels = "label" in spec and _column(found, spec["label"]) is not None
+        if holds_only not in (None, label):  # e.g. AdvBench given as the benign set: a mistake, never a choice
+            raise DataError(f"{path}: {fmt} files hold {holds_only} prompts only; this one was given as the "
+                            f"{label} set",
+                            f"give it as the {holds_only} set, and a file of {label} prompts as the {label} set")
+        if _column(found, spec["prompt"]) is None:
+            flag = "" if own_labels else f" --label {label}"
+            raise DataError(f"{path}: no 'prompt' column and no benchmark's columns; columns found: {found}",
+                            f"convert it first and pass the result: es2 data import {fmt} {path}{flag} "
+                            "--columns prompt=COL --output prompts.jsonl")
+        source = path.stem if fmt in _GENERIC_FORMATS else fmt
+        records = _records(fmt, path, found, rows, None if own_labels else label, None, source, ())
+    chosen = [r for r in records if r["label"] == label]
+    if not chosen:
+        raise DataError(f"{path}: no {label} prompts; its labels are {sorted({r['label'] for r in records})}",
+                        f"pass a file that holds {label} prompts")
+    return chosen
+
+
+def parse_column_mapping(spec: str) -> dict[str, str]:
+    """Parse the --columns option, e.g. "prompt=question,category=topic", into {field: column}."""
+    mapping = {}
+    for item in spec.split(","):
+        field, equals, column = (part.strip() for part in item.partition("="))
+        if not (equals and field and column):
+            raise DataError(f"--columns {spec!r}: {item.strip()!r} is not FIELD=COLUMN",
+                            "write e.g. --columns prompt=question,category=topic")
+        if field in mapping:
+            raise DataError(f"--columns {spec!r}: field {field!r} is mapped twice", "map each field once")
+        mapping[field] = column
+    return mapping
+
+
+def write_records(records: list[dict], output) -> int:
+    """Write records as JSONL atomically (an existing file is replaced only on success); return the count."""
+    return write_jsonl(output, records)
+
+
+def _records(fmt: str, path: Path, found: list[str], rows: list[tuple[str, dict]], label: str | None,
+             columns: dict[str, str] | None, source: str, special_tokens: tuple[str, ...]) -> list[dict]:
+    """The records of rows read from `path` as `fmt` (import_records' arguments)."""
+    columns = columns or {}
+    defaults, default_label = _SPECS[fmt]
     if not rows:
         raise DataError(f"{path}: no data rows (only a header or an empty list)",
                         "point at the file that holds the records")
-    detected = _detect(found, kind)
+    detected = _detect(found, path)
     _check_format(path, fmt, found, detected, overridden={defaults[f] for f in columns if f in defaults})
     mapping = _resolve_columns(path, found, {**defaults, **columns}, explicit=set(columns), detected=detected)
 
@@ -135,103 +213,19 @@ def import_records(fmt: str, path, label: str | None, columns: dict[str, str] | 
     return records
 
 
-def detect_format(path) -> str:
-    """The format whose signature columns the file's header (CSV) or keys (.json, .jsonl) match; a benchmark
-    format when one fits, else the generic csv or jsonl."""
-    path = Path(path)
-    kind = "json" if path.suffix.lower() in (".json", ".jsonl") else "csv"
-    found, _ = _read_csv(path) if kind == "csv" else _read_json(path)
-    return _detect(found, kind) or ("jsonl" if kind == "json" else "csv")
+def _generic(path: Path) -> str:
+    """The generic format for a file of this kind."""
+    return "jsonl" if path.suffix.lower() in (".json", ".jsonl") else "csv"
 
 
-def parse_column_mapping(spec: str) -> dict[str, str]:
-    """Parse the --columns option, e.g. "prompt=question,category=topic", into {field: column}."""
-    mapping = {}
-    for item in spec.split(","):
-        field, equals, column = (part.strip() for part in item.partition("="))
-        if not (equals and field and column):
-            raise DataError(f"--columns {spec!r}: {item.strip()!r} is not FIELD=COLUMN",
-                            "write e.g. --columns prompt=question,category=topic")
-        if field in mapping:
-            raise DataError(f"--columns {spec!r}: field {field!r} is mapped twice", "map each field once")
-        mapping[field] = column
-    return mapping
-
-
-def write_records(records: list[dict], output) -> int:
-    """Write records as JSONL atomically (an existing file is replaced only on success); return the count."""
-    return write_jsonl(output, records)
-
-
-def _read_text(path: Path) -> str:
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a file", "point at the data file inside it")
-    text = read_text(path)
-    if not text.strip():
-        raise DataError(f"{path}: file is empty", "point at the file that holds the records")
-    return text
-
-
-def _read_csv(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
-    """Return the header and (place, row) pairs; a place such as "row 3 (line 4)" locates errors, and a quoted
-    value spanning lines gives its row's first and last line, "row 3 (lines 4-6)"."""
-    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
-    rows = []
-    try:
-        header = [name.strip() for name in next(reader)]
-        first = reader.line_num + 1  # the line the next row starts on
-        for fields in reader:
-            lines = f"line {first}" if first == reader.line_num else f"lines {first}-{reader.line_num}"
-            first = reader.line_num + 1
-            if not any(field.strip() for field in fields):
-                continue
-            # More values than headers usually means an unquoted comma split a prompt in two.
-            if any(field.strip() for field in fields[len(header):]):
-                raise DataError(f"{path}: line {reader.line_num} has {len(fields)} values but the header "
-                                f"has {len(header)} columns", "quote values that contain commas")
-            rows.append((f"row {len(rows) + 1} ({lines})", dict(zip(header, fields))))
-    except csv.Error as exc:
-        raise DataError(f"{path}: line {reader.line_num} is not valid CSV ({exc})",
-                        "save the file as standard comma-separated CSV") from exc
-    return header, rows
-
-
-def _read_json(path: Path) -> tuple[list[str], list[tuple[str, dict]]]:
-    """Read a JSON array of objects (Alpaca's own format) or JSON Lines; return columns and (place, row)."""
-    text = _read_text(path)
-    try:
-        parsed = json.loads(text)
-        items = parsed if isinstance(parsed, list) else [parsed]
-        places = [f"record {n}" for n in range(1, len(items) + 1)]
-    except json.JSONDecodeError as exc:
-        if text.lstrip().startswith("["):
-            raise DataError(f"{path}: line {exc.lineno} is not valid JSON ({json_error(exc)})",
-                            "fix the JSON array, or write one object per line (JSONL)") from exc
-        items, places = [], []
-        # Split on "\n" only: str.splitlines would also split inside strings holding U+2028 and similar.
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as line_exc:
-                raise DataError(f"{path}: line {lineno} is not valid JSON ({json_error(line_exc)})",
-                                "write one JSON object per line, or a single JSON array") from line_exc
-            places.append(f"line {lineno}")
-    for place, item in zip(places, items):
-        if not isinstance(item, dict):
-            raise DataError(f"{path}: {place} is a JSON {type(item).__name__}, not an object",
-                            "each record must be an object such as {\"prompt\": \"...\"}")
-    found = list(dict.fromkeys(key for item in items for key in item))
-    return found, list(zip(places, items))
-
-
-def _detect(found: list[str], kind: str) -> str | None:
-    """The format of this kind whose signature columns are all present, the most specific when several are
-    (a JailbreakBench file has AdvBench's columns too); None when none is."""
+def _detect(found: list[str], path: Path) -> str | None:
+    """The benchmark format whose signature columns are all present, the most specific when several are (a
+    JailbreakBench file has AdvBench's columns too); else the generic format of the file's kind when it has a
+    prompt column; else None."""
     matches = [fmt for fmt, signature in _SIGNATURES.items()
-               if _SPECS[fmt][0] == kind and all(_column(found, c) for c in signature)]
-    return max(matches, key=lambda fmt: len(_SIGNATURES[fmt]), default=None)
+               if fmt not in _GENERIC_FORMATS and all(_column(found, c) for c in signature)]
+    generic = _generic(path) if _column(found, "prompt") else None
+    return max(matches, key=lambda fmt: len(_SIGNATURES[fmt]), default=generic)
 
 
 def _check_format(path: Path, fmt: str, found: list[str], detected: str | None, overridden: set[str]) -> None:
@@ -252,7 +246,7 @@ def _check_format(path: Path, fmt: str, found: list[str], detected: str | None, 
             problem += f"; it matches the {detected} format"
         # Another benchmark's column that the wrong importer would take the prompts from makes the danger
         # concrete.
-        prompt = _column(found, _SPECS[fmt][1]["prompt"])
+        prompt = _column(found, _SPECS[fmt][0]["prompt"])
         if detected not in (None, *_GENERIC_FORMATS) and prompt:
             problem += f", and imported as {fmt} its {prompt!r} column would become the prompts"
     elif detected not in (None, fmt) and len(_SIGNATURES[detected]) > len(_SIGNATURES[fmt]):
@@ -264,9 +258,9 @@ def _check_format(path: Path, fmt: str, found: list[str], detected: str | None, 
         raise DataError(problem, f"import it with its own format: es2 data import {detected} {path} ...")
     # Re-pointing columns is offered only when no other benchmark matches: mapping a JailbreakBench file's
     # columns onto HarmBench's would import it wrong again.
-    generic = "csv" if _SPECS[fmt][0] == "csv" else "jsonl"
     raise DataError(problem, f"if the file is an export of {fmt} with other column names, map them with "
-                             f"--columns FIELD=COL; any other table imports with es2 data import {generic} {path} ...")
+                             f"--columns FIELD=COL; any other table imports with es2 data import {_generic(path)} "
+                             f"{path} ...")
 
 
 def _column(found: list[str], column: str) -> str | None:

@@ -3,10 +3,11 @@ data.
 
 `es2 evaluate` with no flags reads params (the DVC stage: the trained adapter against the model training
 started from). With flags it evaluates any model (folder, HF id in the local cache, adapter folder, or a
-registered model `models:/NAME@ALIAS` / `models:/NAME/VERSION`) on any prompt file (normalised JSONL or an
-importable benchmark format). Prompts are drawn stratified by category (`evaluate.seed`), so a benign set's
-borderline rows are always in. The attacks, judges and perturbation grids are in es2.stages.suite; the headline
-(paired McNemar tests against the baseline) in es2.headline.
+registered model `models:/NAME@ALIAS` / `models:/NAME/VERSION`) on any prompt file: normalised JSONL, a
+benchmark's own file, a table with a `prompt` column or one prompt per line (es2.data.importers). Prompts are
+drawn stratified by category (`evaluate.seed`), so a benign set's borderline rows are always in. The attacks,
+judges and perturbation grids are in es2.stages.suite; the headline (paired McNemar tests against the
+baseline) in es2.headline.
 
 Writes into OUT: headline.json (the verdict and headline rows), metrics.json (flat keys, DVC metrics:
 asr/<attack>/<judge>, asr_whole/..., diff/<figure>, pvalue/<figure>, n/<figure>, ...), intervals.json (every
@@ -26,6 +27,7 @@ import json
 from pathlib import Path
 
 from es2.config import Params
+from es2.data.importers import read_prompt_file
 from es2.errors import ConfigError, DataError
 from es2.io import write_json, write_jsonl, write_text
 from es2.pipeline import stage
@@ -56,22 +58,6 @@ def load_model(spec: str, params: Params):
         return PeftModel.from_pretrained(model, spec).eval(), tokenizer
     model, tokenizer = load_causal_lm(spec, params.model.revision, **options)
     return model.eval(), tokenizer
-
-
-def read_prompts(path: str | Path, label: str) -> list[dict]:
-    """Records with `label` from a normalised JSONL file or any importable format (sniffed from the header)."""
-    from es2.data.importers import detect_format, import_records
-    from es2.data.schema import read_records
-
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        rows = read_records(path)
-    elif path.suffix in (".csv", ".json"):
-        fmt = detect_format(path)
-        rows = import_records(fmt, path, None if fmt == "xstest" else label)
-    else:
-        raise DataError(f"{path}: unknown file type", "use .jsonl (normalised), .csv or .json")
-    return [r for r in rows if r["label"] == label]
 
 
 def _csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -116,9 +102,10 @@ def _spans(params: Params, cfg, harmful_rows: list[dict], grid) -> dict[str, lis
 def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir, model: str | None = None,
                  baseline: str | None = "params", harmful: str | None = None, benign: str | None = None,
                  attacks: list[str] | None = None, limit: int | None = None,
-                 compare: list[str] | None = None) -> dict:
+                 compare: list[str] | None = None, benign_limit: int | None = None) -> dict:
     """Evaluate `model` (and `baseline`, when given, and each `compare` model: default evaluate.compare) and
-    write the report; returns the flat metrics."""
+    write the report; returns the flat metrics. `limit` caps the benign prompts too, unless `benign_limit`
+    says how many."""
     import torch
 
     from es2.capability import greedy_agreement, load_mc_csv, mmlu_sample_path, per_token_kl
@@ -133,15 +120,15 @@ def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir
     from es2.stages.suite import evaluate_one, perturbation_grid
 
     overrides = {"attacks": attacks, "limit": limit,
-                 "benign_limit": min(limit, params.evaluate.benign_limit) if limit else None}
+                 "benign_limit": benign_limit or (min(limit, params.evaluate.benign_limit) if limit else None)}
     cfg = params.evaluate.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     out_dir = Path(out_dir)
     torch.manual_seed(cfg.seed)
     check_source(cfg.span_source)
-    harmful_rows = stratified_sample(read_prompts(harmful or cfg.harmful or params.data.eval_harmful, "harmful"),
-                                     cfg.limit, cfg.seed)
-    benign_rows = stratified_sample(read_prompts(benign or cfg.benign or params.data.eval_harmless, "harmless"),
-                                    cfg.benign_limit, cfg.seed)
+    harmful_rows = stratified_sample(
+        read_prompt_file(harmful or cfg.harmful or params.data.eval_harmful, "harmful"), cfg.limit, cfg.seed)
+    benign_rows = stratified_sample(
+        read_prompt_file(benign or cfg.benign or params.data.eval_harmless, "harmless"), cfg.benign_limit, cfg.seed)
     if not harmful_rows or not benign_rows:
         raise DataError(f"no prompts to evaluate: {len(harmful_rows)} harmful, {len(benign_rows)} benign",
                         "check --harmful/--benign (or evaluate.harmful/benign): labels must be harmful/harmless")

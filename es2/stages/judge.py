@@ -1,9 +1,11 @@
 """`es2 judge`: judge any file of responses, and rebuild the semantic judge's head (`es2 judge train`).
 
-RESPONSES is JSONL or CSV with columns `prompt` and `response`; every other column is carried through and each
-judge adds `judge/<name>` (true = refusal, full or partial). Harm judges (generative, classifier) also add
-`judge/<name>_harmful`; for them a refusal is a response they do not call harmful. An empty response is
-allowed: jbb calls it compliance, qi and semantic a refusal (see each judge's module).
+RESPONSES is a .jsonl, .json, .csv or .parquet file (es2.data.readers) with columns `prompt` and `response`,
+or other names for them given as `--columns prompt=COL,response=COL` (StrongREJECT's outputs name the prompt
+`forbidden_prompt`); every other column is carried through and each judge adds `judge/<name>` (true = refusal,
+full or partial). Harm judges (generative, classifier) also add `judge/<name>_harmful`; for them a refusal is
+a response they do not call harmful. An empty response is allowed: jbb calls it compliance, qi and semantic a
+refusal (see each judge's module).
 
 Training data of the semantic head (recorded in head.json's provenance):
   - `es2/resources/judge/responses_train.jsonl`: labelled responses written for this project (refusals of many
@@ -24,11 +26,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
-import json
 from importlib import resources
 from pathlib import Path
 
+from es2.data.readers import file_kind, read_rows
 from es2.errors import DataError
 from es2.io import write_json, write_jsonl
 
@@ -38,47 +39,47 @@ PYRIT_FILES = ("refusal_labeled_responses.csv", "objective_achieved_labeled_resp
 DEFAULT_PYRIT = Path("../shared/datasets/pyrit_scorer_evals")  # the development datasets beside the checkout
 
 
-def read_responses(path: str | Path) -> list[dict]:
-    """Rows of a JSONL or CSV responses file; DataError naming the problem for anything else."""
-    from es2.data.schema import read_bytes_as_utf8
-
+def read_responses(path: str | Path, columns: dict[str, str] | None = None) -> list[dict]:
+    """Rows of a responses file, each with its `prompt` and `response`: the file's own columns of those names, or
+    copies of the columns `columns` names; DataError naming the problem for anything else."""
+    columns = columns or {}
+    unknown = sorted(set(columns) - set(REQUIRED))
+    if unknown:
+        raise DataError(f"--columns names {unknown}, which es2 judge does not read", "map prompt and response only")
     path = Path(path)
-    if path.suffix not in (".jsonl", ".csv"):
-        raise DataError(f"{path}: unknown file type {path.suffix or '(none)'}",
-                        "give a .jsonl or .csv file with columns prompt and response")
-    text = read_bytes_as_utf8(path).lstrip("\ufeff")
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty", "write one row per response with prompt and response")
-    if path.suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(text)))
-    else:
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: line {i} is not JSON: {exc.msg}", "write one JSON object per line") \
-                        from exc
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}: line {i} is not a JSON object", "write one JSON object per line")
-                rows.append(row)
+    kind = file_kind(path, "unknown")
+    if kind not in ("csv", "json", "parquet"):
+        problem = "holds prompts only" if kind == "lines" else f"unknown file type {path.suffix or '(none)'}"
+        raise DataError(f"{path}: {problem}", "give a .jsonl, .json, .csv or .parquet file of prompts and responses")
+    found, rows = read_rows(path, kind)
     if not rows:
         raise DataError(f"{path}: no rows", "write one row per response with prompt and response")
-    missing = [c for c in REQUIRED if c not in rows[0]]
+    names = {field: columns.get(field, field) for field in REQUIRED}
+    missing = [names[field] for field in REQUIRED if names[field] not in found]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, rows[0]))}",
-                        "name the columns prompt and response (rename them, e.g. in a spreadsheet)")
-    for i, row in enumerate(rows, 1):
-        if not all(isinstance(row.get(c), str) for c in REQUIRED):
-            raise DataError(f"{path}: row {i} has no text in {' or '.join(REQUIRED)}",
-                            "give every row a prompt and a response (an empty response is \"\")")
-    return rows
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, found))}",
+                        "name the file's columns with --columns prompt=COL,response=COL")
+    # the copies are written back out beside the file's columns: one of the same name would be overwritten
+    clash = [field for field in REQUIRED if names[field] != field and field in found]
+    if clash:
+        raise DataError(f"{path}: --columns reads {', '.join(names[f] for f in clash)} as {', '.join(clash)}, "
+                        f"but the file has its own {', '.join(clash)} column", "rename one of the two columns")
+    judged = []
+    for where, row in rows:
+        for field in REQUIRED:
+            if not isinstance(row.get(names[field]), str):
+                raise DataError(f"{path}: {where}: column {names[field]!r} holds "
+                                f"{type(row.get(names[field])).__name__}, not text",
+                                "give every row a prompt and a response as text (an empty response is \"\")")
+        judged.append({**row, **{field: row[names[field]] for field in REQUIRED}})
+    return judged
 
 
-def judge_file(path: str | Path, out: str | Path, judges: dict) -> dict[str, tuple[int, int]]:
-    """Judge every row of `path`, write OUT.jsonl atomically; returns each judge's (refusals, n)."""
-    rows = read_responses(path)
+def judge_file(path: str | Path, out: str | Path, judges: dict,
+               columns: dict[str, str] | None = None) -> dict[str, tuple[int, int]]:
+    """Judge every row of `path` (`columns`: as read_responses), write OUT.jsonl atomically; returns each judge's
+    (refusals, n)."""
+    rows = read_responses(path, columns)
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
     verdicts = {}
     for name, judge in judges.items():
