@@ -16,7 +16,8 @@ Sets:
   - benchmarks/data/judge_sensitive_words.jsonl: safe requests that sound dangerous (definitions of crimes,
     homonyms such as "kill a process", fiction, history, absurd questions about non-people), answered and
     over-refused in the style of the small models es2 evaluates, written for this project as a benchmark only:
-    on such answers to a public set's safe prompts the semantic judge called real answers refusals;
+    on such answers to a public set's safe prompts the semantic judge called real answers refusals; shown whole
+    and by category;
   - benchmarks/data/judge_model_answers.jsonl: what the judges actually read in the headline: the default
     `make run` models' own greedy answers (warm start and ES2) to the evaluation prompts, benign and harmful
     (direct requests), labelled by hand by the developers; shown whole and by request kind, since a judge
@@ -134,7 +135,7 @@ def main() -> None:
         if path.exists():
             rows = unseen(read_jsonl(path), head["provenance"], path.name, trained_prompts)
             # by request kind where a set has both kinds, else by category (judge_sensitive_words: all benign)
-            by_request = len({r.get("request") for r in rows}) > 1  # else by category (all benign)
+            by_request = len({r.get("request") for r in rows}) > 1
             field, label = ("request", "{} requests") if by_request else ("category", "{}")
             verdicts = report_with_subsets(f"{path.name} (a benchmark only, never trained on)", rows, judges,
                                            field, label)

@@ -268,39 +268,48 @@ def over_refusal(generations: list[str], judge: str | Callable[[str], bool] = "j
 
 
 def load_mc_csv(path) -> list[dict]:
-    """Questions from an MMLU-format CSV: ``{"question", "choices" (4 strings), "answer" (0-3), "subject"}``.
+    """Questions from an MMLU-format file: ``{"question", "choices" (4 strings), "answer" (0-3), "subject"}``.
 
-    Columns: ``question``; the options as ``choice0..choice3`` or ``A..D`` (either case); ``answer`` as an
-    index 0-3 or a letter A-D (either case). ``subject`` is optional (empty when absent); other columns are
-    ignored. Raises DataError naming the file, the row and the columns on bad input.
+    A CSV, JSON, JSON Lines or Parquet file (es2.data.readers; the Hugging Face Hub serves MMLU as Parquet).
+    Columns: ``question``; the options as ``choice0..choice3`` or ``A..D`` (either case), or one ``choices``
+    column holding the four (the Hub's layout); ``answer`` as an index 0-3 or a letter A-D (either case).
+    ``subject`` is optional (empty when absent); other columns are ignored. Raises DataError naming the file, the
+    row and the columns on bad input.
     """
-    from es2.data.readers import read_rows  # BOM, empty file, unquoted commas, invalid CSV -> DataError
+    from es2.data.readers import file_kind, read_rows  # BOM, empty file, unquoted commas, bad JSON -> DataError
 
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: file not found", "check the multiple-choice CSV path")
-    header, rows = read_rows(path, "csv")
+        raise DataError(f"{path}: file not found", "check the multiple-choice file's path")
+    header, rows = read_rows(path, file_kind(path, "csv"))
     lower = {name.lower(): name for name in header}
     fix = ("use MMLU format: question,choice0,choice1,choice2,choice3,answer (answer 0-3 or A-D), "
-           "or A,B,C,D as option columns")
+           "or A,B,C,D as option columns, or a choices column holding the four")
     if "question" not in lower or "answer" not in lower:
         missing = [c for c in ("question", "answer") if c not in lower]
         raise DataError(f"{path}: missing column(s) {missing}; found {header}", fix)
-    for names in (("choice0", "choice1", "choice2", "choice3"), ("a", "b", "c", "d")):
+    for names in (("choice0", "choice1", "choice2", "choice3"), ("a", "b", "c", "d"), ("choices",)):
         if all(name in lower for name in names):
             choice_cols = [lower[name] for name in names]
             break
     else:
-        raise DataError(f"{path}: no option columns (choice0..choice3 or A..D); found {header}", fix)
+        raise DataError(f"{path}: no option columns (choice0..choice3, A..D or choices); found {header}", fix)
     if not rows:
         raise DataError(f"{path}: has a header but no questions", "add at least one question row")
     questions = []
     for where, row in rows:
-        question = (row.get(lower["question"]) or "").strip()
+        question = _cell(row, lower["question"])
         if not question:
             raise DataError(f"{path}: {where}: empty question", "fill in or remove the row")
-        choices = [(row.get(col) or "").strip() for col in choice_cols]
-        raw = (row.get(lower["answer"]) or "").strip()
+        if len(choice_cols) == 1:
+            options = row.get(choice_cols[0])
+            if not isinstance(options, list) or len(options) != 4:
+                raise DataError(f"{path}: {where}: column {choice_cols[0]!r} holds {options!r}, not four options",
+                                "give each question a list of exactly four options")
+            choices = [str(option).strip() for option in options]
+        else:
+            choices = [_cell(row, col) for col in choice_cols]
+        raw = _cell(row, lower["answer"])
         if raw.upper() in LETTERS:
             answer = LETTERS.index(raw.upper())
         elif raw.isdigit() and int(raw) < 4:
@@ -309,6 +318,12 @@ def load_mc_csv(path) -> list[dict]:
             column = lower["answer"]
             raise DataError(f"{path}: {where}: answer {raw!r} in column {column!r} is not 0-3 or A-D",
                             "write the correct option's index (0-3) or letter (A-D)")
-        subject = (row.get(lower["subject"]) or "").strip() if "subject" in lower else ""
+        subject = _cell(row, lower["subject"]) if "subject" in lower else ""
         questions.append({"question": question, "choices": choices, "answer": answer, "subject": subject})
     return questions
+
+
+def _cell(row: dict, column: str) -> str:
+    """A cell as stripped text: a Parquet or JSON file gives numbers (the answer index 0 among them) and nulls."""
+    value = row.get(column)
+    return "" if value is None else str(value).strip()

@@ -34,6 +34,7 @@ EXAMPLES = {
     "promote": "es2 promote                  # move alias champion to the challenger if the gates pass",
     "judge": "es2 judge answers.jsonl --out judged.jsonl              # jbb, qi and semantic on each response\n"
              "  es2 judge answers.csv --out judged.jsonl --judges semantic\n"
+             "  es2 judge outputs.csv --out judged.jsonl --columns prompt=forbidden_prompt,response=output\n"
              "  es2 judge answers.jsonl --out j.jsonl --judge-model /models/guard --template llamaguard   # GPU\n"
              "  es2 judge train --pyrit ../shared/datasets/pyrit_scorer_evals   # rebuild the semantic head",
     "results": "es2 results --readme README.md      # rewrite the README's results block from "
@@ -97,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="model folder, HF id, adapter folder, or registered model "
                                     "models:/NAME@ALIAS or models:/NAME/VERSION (default: evaluate.model)")
     ev.add_argument("--harmful", help="harmful prompts: normalised JSONL, a benchmark's file (" + ", ".join(
-        BENCHMARK_FORMATS) + "), any CSV/JSON(L) with a prompt column, or .txt with one prompt per line")
+        BENCHMARK_FORMATS) + "), any .csv/.json/.jsonl/.parquet table with a prompt column, or .txt with one "
+        "prompt per line")
     ev.add_argument("--benign", help="benign prompts, any of the same (default: data.eval_harmless); a file with "
                                      "its own labels (XSTest) gives its harmless rows")
     ev.add_argument("--baseline", default="params", help="model to compare with; 'none' for no comparison")

@@ -242,7 +242,7 @@ class EvaluateParams(Section):
     profile: str = Field(description="which of `profiles` sets the attack budgets")
     profiles: dict[str, AttackBudgets] = Field(description="named budget sets (quick, standard, paper); "
                                                            "params.yaml is their only home")
-    mc_csv: str | None = Field(description="MMLU-format CSV; default: the packaged sample")
+    mc_csv: str | None = Field(description="MMLU-format CSV, JSON(L) or Parquet; default: the packaged sample")
     mc_formulation: Literal["continuation", "letters"] = Field(
         description="lm-eval's MMLU prompt: the option texts scored (mmlu_continuation) or the "
                     "letters A-D (mmlu; small models answer one letter to everything)")

@@ -101,7 +101,7 @@ def lm_eval_multiple_choice(model, tokenizer, questions: list[dict] | str | Path
                             formulation: Formulation = "letters") -> dict:
     """Score MMLU-format questions with lm-eval's HFLM wrapped around `model` (a transformers or PEFT model).
 
-    questions: as from ``es2.capability.load_mc_csv``, or the path of such a CSV (read with it, so every
+    questions: as from ``es2.capability.load_mc_csv``, or the path of such a file (read with it, so every
         layout it accepts works and bad rows fail with its messages).
     formulation: ``letters`` (lm-eval's ``mmlu``) or ``continuation`` (its ``mmlu_continuation``); see above.
     Returns ``{"accuracy", "n", "correct", "predicted", "ci_low", "ci_high"}``: ``correct`` (bool) and

@@ -1,4 +1,5 @@
 import csv
+import json
 import math
 from contextlib import nullcontext
 
@@ -216,6 +217,23 @@ def test_load_mc_csv_both_formats(tmp_path):
         assert q["question"] == "Capital of France?" and q["choices"] == ["Rome", "Paris", "Oslo", "Bern"]
         assert q["answer"] == 1
     assert load_mc_csv(index_form)[0]["subject"] == "geo" and load_mc_csv(letter_form)[0]["subject"] == ""
+
+
+def test_load_mc_csv_reads_the_hubs_parquet_and_json_lines_layout(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = [{"question": "Capital of France?", "subject": "geo", "choices": ["Rome", "Paris", "Oslo", "Bern"],
+             "answer": 1}, {"question": "2 + 2?", "subject": "maths", "choices": ["4", "5", "6", "7"], "answer": 0}]
+    hub = tmp_path / "test-00000-of-00001.parquet"
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), hub)
+    lines = tmp_path / "mmlu.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for path in (hub, lines):
+        assert load_mc_csv(path) == rows  # the answer index 0 read as an answer, not as an empty cell
+    lines.write_text(json.dumps({**rows[0], "choices": ["Rome", "Paris"]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="column 'choices' holds \\['Rome', 'Paris'\\], not four options"):
+        load_mc_csv(lines)
 
 
 @pytest.mark.parametrize("header, row, match", [

@@ -14,7 +14,8 @@ import pytest
 from tests.conftest import FIXTURES, REPO, make_records
 
 from es2.config import load_params
-from es2.data.importers import FORMATS, detect_format, import_records
+from es2.data.importers import FORMATS, _format_of, import_records
+from es2.data.readers import file_kind, read_rows
 from es2.data.prompt_checks import control_character, special_token, special_token_strings
 from es2.data.schema import read_records
 from es2.data.validation import validate_datasets
@@ -245,5 +246,6 @@ def test_an_unusual_export_of_a_benchmark_still_imports_with_columns(tmp_path):
     ("jailbreakbench.csv", "jailbreakbench"), ("xstest.csv", "xstest"), ("alpaca.json", "alpaca"),
     ("alpaca.jsonl", "alpaca"), ("generic.jsonl", "jsonl"), ("normalised.csv", "csv"), ("generic.csv", "csv"),
 ])
-def test_detect_format_names_each_fixtures_own_format(name, fmt):
-    assert detect_format(IMPORTS / name) == fmt and fmt in FORMATS
+def test_the_format_found_from_the_columns_is_each_fixtures_own(name, fmt):
+    found, _ = read_rows(IMPORTS / name, file_kind(IMPORTS / name, "csv"))
+    assert _format_of(found, IMPORTS / name) == fmt and fmt in FORMATS

@@ -1,1 +1,1 @@
-"""Data: the normalised record format, importers, validation and pair construction."""
+"""Data: the normalised record format, file readers, importers, validation and pair construction."""

@@ -100,13 +100,6 @@ def import_records(fmt: str, path, label: str | None, columns: dict[str, str] | 
     return _records(fmt, path, found, rows, label, columns, source or fmt, special_tokens)
 
 
-def detect_format(path) -> str:
-    """The benchmark format whose signature columns the file has, else the generic csv or jsonl."""
-    path = Path(path)
-    found, _ = read_rows(path, file_kind(path, "csv"))
-    return _detect(found, path) or _generic(path)
-
-
 def read_prompt_file(path, label: str) -> list[dict]:
     """The `label` records of any prompt file es2 reads, for commands that take one directly (es2 evaluate).
 
@@ -124,7 +117,7 @@ def read_prompt_file(path, label: str) -> list[dict]:
     if path.suffix.lower() == ".jsonl" and all(field in found for field in REQUIRED_FIELDS):
         records = read_records(path)
     else:
-        fmt = _detect(found, path) or _generic(path)  # detect_format's answer, from the rows read once
+        fmt = _format_of(found, path)
         spec, holds_only = _SPECS[fmt]
         own_labels = "label" in spec and _column(found, spec["label"]) is not None
         if holds_only not in (None, label):  # e.g. AdvBench given as the benign set: a mistake, never a choice
@@ -211,6 +204,11 @@ def _records(fmt: str, path: Path, found: list[str], rows: list[tuple[str, dict]
             record["category"] = XSTEST_CATEGORY[record["label"]]
         records.append(record)
     return records
+
+
+def _format_of(found: list[str], path: Path) -> str:
+    """The format of a file with columns `found`: the benchmark whose columns it has, else the generic one."""
+    return _detect(found, path) or _generic(path)
 
 
 def _generic(path: Path) -> str:

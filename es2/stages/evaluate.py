@@ -131,7 +131,7 @@ def run_evaluate(params: Params, out_dir: str | Path = stage("evaluate").out_dir
         read_prompt_file(benign or cfg.benign or params.data.eval_harmless, "harmless"), cfg.benign_limit, cfg.seed)
     if not harmful_rows or not benign_rows:
         raise DataError(f"no prompts to evaluate: {len(harmful_rows)} harmful, {len(benign_rows)} benign",
-                        "check --harmful/--benign (or evaluate.harmful/benign): labels must be harmful/harmless")
+                        "--limit and --benign-limit (evaluate.limit, evaluate.benign_limit) must be at least 1")
     judges = build_judges(cfg)
     grid = perturbation_grid(cfg, params.train)
     if grid.moved:
